@@ -1,0 +1,215 @@
+"""The ``gradshield`` command line: a thin layer that parses options and calls the library.
+
+Sub-commands: ``train``, ``evaluate``, ``quickstart``, ``models``. Run ``gradshield CMD --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gradshield import __version__
+from gradshield.errors import GradshieldError
+
+MAIN_HELP = """gradshield: gradient-based adversarial defenses (GCM, FGR) and their honest evaluation.
+
+Images are [0, 1] pixels. Data: --data-dir (or $GRADSHIELD_DATA) must hold cifar10-jpeg.tar.gz
+(the offline archive) or torchvision's CIFAR folders; derived files go to --cache-dir
+(or $GRADSHIELD_CACHE, default ~/.cache/gradshield)."""
+
+
+def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="cifar10",
+                       choices=("cifar10", "cifar10-jpeg", "cifar100", "folder"),
+                       help="data set; cifar10 uses <data-dir>/cifar10-jpeg.tar.gz when present, "
+                            "else torchvision's CIFAR-10 under <data-dir>; folder reads "
+                            "<data-dir>/train/<class>/* and <data-dir>/test/<class>/* "
+                            "(default: %(default)s)")
+    group.add_argument("--data-dir", default=None,
+                       help="folder holding the data (default: $GRADSHIELD_DATA, else ./data)")
+    group.add_argument("--cache-dir", default=None,
+                       help="folder for decoded tensors (default: $GRADSHIELD_CACHE, "
+                            "else ~/.cache/gradshield)")
+    group.add_argument("--download", action="store_true",
+                       help="let torchvision download CIFAR (needs internet; never done otherwise)")
+    if train:
+        group.add_argument("--train-limit", type=int, default=None, metavar="N",
+                           help="train on a random subset of N images, chosen by --seed "
+                                "(default: all)")
+    group.add_argument("--test-limit", type=int, default=None, metavar="N",
+                       help="evaluate on a random subset of N test images, chosen by --seed "
+                            "(default: all)")
+
+
+def _load_data(args: argparse.Namespace):
+    from gradshield.data import load_dataset
+
+    train, test = load_dataset(args.dataset, args.data_dir, args.cache_dir,
+                               download=args.download)
+    train = train.subset(getattr(args, "train_limit", None), seed=args.seed)
+    return train, test.subset(args.test_limit, seed=args.seed)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from gradshield.models import list_models
+    from gradshield.training import TrainConfig
+
+    d = TrainConfig()
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="compact", choices=sorted(list_models()),
+                       help="architecture (default: %(default)s, the 2-core CPU net)")
+    model.add_argument("--width", type=float, default=1.0,
+                       help="channel-width multiplier (default: %(default)s)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size,
+                     help="images per step (default: %(default)s)")
+    opt.add_argument("--lr", type=float, default=d.lr,
+                     help="peak learning rate of SGD with Nesterov momentum, reached after the "
+                          "warm-up, then decayed linearly to 0 (default: %(default)s)")
+    opt.add_argument("--momentum", type=float, default=d.momentum,
+                     help="(default: %(default)s)")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                     help="L2 weight decay (default: %(default)s)")
+    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                     help="linear LR warm-up length in epochs (default: %(default)s)")
+    opt.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"),
+                     help="bfloat16 autocast for training: auto uses it where the CPU/GPU runs it "
+                          "natively (weights and evaluation stay float32) (default: %(default)s)")
+    opt.add_argument("--no-augment", action="store_true",
+                     help="disable random crop (4 px zero padding) and horizontal flip")
+    opt.add_argument("--seed", type=int, default=d.seed,
+                     help="seed for initialisation, data order, augmentation and subsets "
+                          "(default: %(default)s)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/train",
+                     help="run folder: checkpoint.pt (each epoch), metrics.jsonl "
+                          "(default: %(default)s)")
+    run.add_argument("--no-resume", action="store_true",
+                     help="start over even if --out holds a checkpoint of the same run")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train(args: argparse.Namespace):
+    from gradshield.models import create_model
+    from gradshield.training import TrainConfig, train
+
+    train_data, test_data = _load_data(args)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         momentum=args.momentum, weight_decay=args.weight_decay,
+                         warmup_epochs=args.warmup_epochs, seed=args.seed, amp=args.amp,
+                         augment=not args.no_augment)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
+                         input_size=tuple(train_data.image_shape[1:]))
+    started = time.perf_counter()
+    history = train(model, train_data, test_data, config, args.out, resume=not args.no_resume,
+                    progress=not args.quiet,
+                    extra_metadata={"command": " ".join(sys.argv), "dataset": args.dataset,
+                                    "train_limit": args.train_limit})
+    return model, history, time.perf_counter() - started
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _, history, seconds = _train(args)
+    last = history[-1] if history else {}
+    print(json.dumps({"out": str(Path(args.out) / "checkpoint.pt"), "epochs": len(history),
+                      "test_acc": last.get("test_acc"), "train_time_s": last.get("elapsed_s"),
+                      "wall_time_this_call_s": round(seconds, 1)}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gradshield.checkpoint import load_model
+    from gradshield.metrics import accuracy
+
+    model, _ = load_model(args.checkpoint)
+    _, test = _load_data(args)
+    if test.num_classes != model.config.num_classes:
+        raise GradshieldError(
+            f"the checkpoint has {model.config.num_classes} classes but the data set has "
+            f"{test.num_classes}; evaluate on the data it was trained on")
+    x, y = test.as_float()
+    acc = accuracy(model, x, y, batch_size=args.batch_size)
+    result = {"checkpoint": args.checkpoint, "arch": model.config.arch, "examples": len(test),
+              "clean_accuracy": acc, "seed": args.seed}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from gradshield.checkpoint import load_model
+    from gradshield.metrics import accuracy
+
+    args.out = str(Path(args.out))
+    _, history, _ = _train(args)
+    model, _ = load_model(Path(args.out) / "checkpoint.pt")
+    _, test = _load_data(args)
+    x, y = test.as_float()
+    acc = accuracy(model, x, y)
+    print()
+    print("| model | data | examples | clean accuracy | training time |")
+    print("|---|---|---|---|---|")
+    print(f"| {model.config.arch} (seed {args.seed}) | {args.dataset} test | {len(test)} "
+          f"| {acc:.4f} | {history[-1]['elapsed_s']:.0f} s |")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from gradshield.models import list_models
+
+    for name, description in list_models().items():
+        print(f"{name:28s} {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradshield", description=MAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gradshield {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (checkpoints every epoch, resumes)")
+    _add_train_options(p)
+    _add_data_options(p, train=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
+    p.add_argument("--batch-size", type=int, default=500, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed choosing the --test-limit subset (default: %(default)s)")
+    _add_data_options(p, train=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("quickstart", help="train the default model briefly, evaluate, print a table")
+    _add_train_options(p)
+    _add_data_options(p, train=True)
+    p.set_defaults(func=cmd_quickstart, epochs=6, out="runs/quickstart")
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GradshieldError as err:
+        print(f"gradshield: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradshield: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

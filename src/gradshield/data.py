@@ -1,0 +1,288 @@
+"""Data sets as in-memory uint8 tensors, and augmentation done on tensors in batches.
+
+Sources:
+- the offline archive ``cifar10-jpeg.tar.gz`` (image-folder layout inside a .tar.gz), decoded once
+  and cached as uint8 tensors in the cache directory;
+- CIFAR-10 / CIFAR-100 through torchvision (downloaded only when ``download=True``);
+- any image folder ``root/<split>/<class>/<image>``.
+
+Images are kept as uint8 (N, C, H, W); :func:`iterate_batches` turns them into float32 in [0, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gradshield.errors import GradshieldError
+from gradshield.paths import cache_dir as default_cache_dir
+from gradshield.paths import data_dir as default_data_dir
+
+ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """A labelled image set held in memory: uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise GradshieldError(
+                f"ImageData.images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise GradshieldError(
+                f"ImageData has {self.images.shape[0]} images but labels of shape "
+                f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, limit: int | None, seed: int = 0) -> ImageData:
+        """A deterministic random subset of ``limit`` examples (all of them if None), in index order."""
+        if limit is None or limit >= len(self):
+            return self
+        if limit < 1:
+            raise GradshieldError(f"subset limit must be >= 1, got {limit}")
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(self), generator=gen)[:limit].sort().values
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
+    def as_float(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as float32 in [0, 1] and their labels."""
+        return self.images.float().div_(255.0), self.labels
+
+
+# ----------------------------------------------------------------------------- sources
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _decode_image(payload: bytes, where: str, size: tuple[int, int] | None) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            img = img.convert("RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise GradshieldError(
+            f"could not decode image {where}: {err}. Replace or delete that file "
+            "(or re-copy the archive) and try again") from err
+
+
+def _stack(arrays: list[np.ndarray], labels: list[int], classes: tuple[str, ...],
+           where: str) -> ImageData:
+    if not arrays:
+        raise GradshieldError(f"no images found in {where}")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise GradshieldError(
+            f"images in {where} have different sizes {sorted(shapes)[:3]}...; "
+            "pass image_size=(H, W) (CLI: --image-size) to resize them on load")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return ImageData(images, torch.tensor(labels, dtype=torch.long), classes)
+
+
+def decode_archive(path: Path, size: tuple[int, int] | None = None) -> dict[str, ImageData]:
+    """Decode a ``.tar.gz`` in image-folder layout (``<split>/<class>/<file>``), reading it in order."""
+    records: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+    try:
+        with tarfile.open(path, mode="r:gz") as archive:
+            for member in archive:  # iterate in stored order: no backward seeks
+                if not member.isfile() or not member.name.lower().endswith(IMAGE_SUFFIXES):
+                    continue
+                parts = Path(member.name).parts
+                if len(parts) < 3:
+                    continue
+                split, cls, fname = parts[-3], parts[-2], parts[-1]
+                handle = archive.extractfile(member)
+                payload = handle.read() if handle is not None else b""
+                array = _decode_image(payload, f"{member.name} in {path}", size)
+                records.setdefault(split, []).append((cls, fname, array))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise GradshieldError(
+            f"the archive {path} is corrupt or truncated ({type(err).__name__}: {err}); "
+            f"copy it again from its source (the bundled one is ../shared/datasets/{ARCHIVE_NAME})"
+        ) from err
+    if not records:
+        raise GradshieldError(
+            f"the archive {path} holds no images in the layout <split>/<class>/<image>")
+    classes = tuple(sorted({cls for items in records.values() for cls, _, _ in items}))
+    splits = {}
+    for split, items in records.items():
+        items.sort(key=lambda item: (item[0], item[1]))
+        splits[split] = _stack([a for _, _, a in items], [classes.index(c) for c, _, _ in items],
+                               classes, f"{path}:{split}")
+    return splits
+
+
+def load_archive(path: str | os.PathLike, cache: str | os.PathLike | None = None
+                 ) -> dict[str, ImageData]:
+    """Load an image-folder ``.tar.gz``; decoded tensors are cached by the archive's sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradshieldError(
+            f"data archive not found: {path}. Point --data-dir (or $GRADSHIELD_DATA) at the folder "
+            f"that holds {ARCHIVE_NAME}, e.g. --data-dir ../shared/datasets")
+    digest = sha256_file(path)
+    cached = default_cache_dir(cache) / f"{path.name.split('.')[0]}-{digest[:16]}.pt"
+    if cached.is_file():
+        try:
+            blob = torch.load(cached, weights_only=True)
+            classes = tuple(blob["classes"])
+            return {split: ImageData(blob[split]["images"], blob[split]["labels"], classes)
+                    for split in blob["splits"]}
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            cached.unlink(missing_ok=True)
+    splits = decode_archive(path)
+    classes = next(iter(splits.values())).classes
+    blob = {"splits": list(splits), "classes": list(classes)}
+    blob.update({s: {"images": d.images, "labels": d.labels} for s, d in splits.items()})
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, cached)
+    return splits
+
+
+def load_image_folder(root: str | os.PathLike, size: tuple[int, int] | None = None) -> ImageData:
+    """Load ``root/<class>/<image>``; classes are the sorted sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GradshieldError(f"image folder not found: {root}")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if not classes:
+        raise GradshieldError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+    arrays, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((root / cls).iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                arrays.append(_decode_image(file.read_bytes(), str(file), size))
+                labels.append(label)
+    return _stack(arrays, labels, classes, str(root))
+
+
+def load_torchvision_cifar(name: str, root: Path, download: bool) -> dict[str, ImageData]:
+    """CIFAR-10/100 from torchvision's python batches under ``root`` (downloaded only if asked)."""
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(str(root), train=train, download=download)
+        except RuntimeError as err:
+            raise GradshieldError(
+                f"{name} not found under {root} ({err}). Pass --download to fetch it (needs "
+                f"internet), or use the offline archive: --dataset cifar10 with --data-dir "
+                f"pointing at the folder holding {ARCHIVE_NAME}") from err
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        out[split] = ImageData(images, torch.tensor(ds.targets, dtype=torch.long),
+                               tuple(ds.classes))
+    return out
+
+
+DATASETS = ("cifar10", "cifar10-jpeg", "cifar100", "folder")
+
+
+def load_dataset(name: str, data: str | os.PathLike | None = None,
+                 cache: str | os.PathLike | None = None, *, download: bool = False,
+                 image_size: tuple[int, int] | None = None) -> tuple[ImageData, ImageData]:
+    """Return (train, test) for a named data set.
+
+    ``cifar10`` uses the offline archive ``<data>/cifar10-jpeg.tar.gz`` when present, else
+    torchvision's CIFAR-10 under ``<data>``. ``folder`` reads ``<data>/train`` and ``<data>/test``.
+    """
+    root = default_data_dir(data)
+    if name == "cifar10-jpeg" or (name == "cifar10" and (root / ARCHIVE_NAME).is_file()):
+        splits = load_archive(root / ARCHIVE_NAME, cache)
+    elif name in ("cifar10", "cifar100"):
+        splits = load_torchvision_cifar(name, root, download)
+    elif name == "folder":
+        splits = {s: load_image_folder(root / s, image_size) for s in ("train", "test")}
+    else:
+        raise GradshieldError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    missing = {"train", "test"} - set(splits)
+    if missing:
+        raise GradshieldError(f"data set {name} at {root} lacks the split(s) {sorted(missing)}")
+    return splits["train"], splits["test"]
+
+
+# ----------------------------------------------------------------------------- batches
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, padding: int = 4,
+                     flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels, and random horizontal flip, per image.
+
+    Works on a batch (N, C, H, W) of any dtype in one vectorised gather.
+    """
+    n, _, h, w = images.shape
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N,1,H,1)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N,1,1,W)
+        batch = torch.arange(n)[:, None, None, None]
+        chans = torch.arange(images.shape[1])[None, :, None, None]
+        images = padded[batch, chans, rows, cols]
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+        images = torch.where(mask[:, None, None, None], images.flip(3), images)
+    return images
+
+
+def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False,
+                    generator: torch.Generator | None = None, augment: bool = False,
+                    drop_last: bool = False, start_batch: int = 0
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float32 images in [0, 1], labels) batches; augmentation happens on whole batches.
+
+    ``start_batch`` skips that many batches after drawing the same random order (for resuming).
+    """
+    if batch_size < 1:
+        raise GradshieldError(f"batch_size must be >= 1, got {batch_size}")
+    if (shuffle or augment) and generator is None:
+        raise GradshieldError("shuffle/augment need a torch.Generator for reproducibility")
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for i, begin in enumerate(range(0, stop, batch_size)):
+        index = order[begin:begin + batch_size]
+        images = data.images[index]
+        if augment:
+            images = random_crop_flip(images, generator)
+        if i < start_batch:
+            continue
+        yield images.float().div_(255.0), data.labels[index]

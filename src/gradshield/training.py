@@ -1,0 +1,211 @@
+"""The one training loop: SGD with Nesterov momentum, a warm-up/linear-decay LR, checkpoints each
+epoch that resume exactly after a kill, metrics as JSON lines, a progress bar.
+
+Randomness (order, augmentation, a recipe's random starts) comes from a generator derived from
+(seed, epoch), so an epoch interrupted by a kill is replayed identically on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradshield.checkpoint import read_checkpoint, save_checkpoint
+from gradshield.data import ImageData, iterate_batches
+from gradshield.defenses.recipes import Recipe, StandardRecipe
+from gradshield.errors import GradshieldError
+from gradshield.metrics import accuracy
+from gradshield.utils import derived_generator
+from gradshield.validation import check_labels
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. ``lr`` is the peak learning rate (per batch of ``batch_size``)."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    amp: str = "auto"  # "bf16": bfloat16 autocast on CPU; "off": float32; "auto": bf16 if fast
+    channels_last: bool = True
+    augment: bool = True
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise GradshieldError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise GradshieldError(
+                f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr={self.lr}, "
+                f"weight_decay={self.weight_decay}, momentum={self.momentum}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise GradshieldError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    remaining = max(1, total_steps - warmup_steps)
+    return peak * max(0.0, 1.0 - (step - warmup_steps) / remaining)
+
+
+def bf16_is_fast() -> bool:
+    """True on CPUs with native bfloat16 dot products (AVX512-BF16 / AMX), where autocast pays."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+        return capability in ("AVX512", "AMX") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_bf16(config: TrainConfig, device: torch.device) -> bool:
+    if config.amp == "off":
+        return False
+    if config.amp == "bf16":
+        return True
+    return device.type == "cuda" or (device.type == "cpu" and bf16_is_fast())
+
+
+def _config_fingerprint(model: nn.Module, config: TrainConfig, recipe: Recipe,
+                        n_train: int) -> dict:
+    model_config = getattr(model, "config", None)
+    return {"train": asdict(config), "recipe": recipe.describe(), "n_train": n_train,
+            "model": model_config.to_dict() if model_config else None}
+
+
+def _read_metrics(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def _check_data_fits_model(model: nn.Module, data: ImageData, what: str) -> None:
+    model_config = getattr(model, "config", None)
+    num_classes = model_config.num_classes if model_config else None
+    check_labels(data.labels, len(data), num_classes, name=f"{what} labels")
+    if model_config and tuple(data.image_shape[1:]) != tuple(model_config.input_size):
+        raise GradshieldError(
+            f"{what} images are {tuple(data.image_shape[1:])} pixels but the model expects "
+            f"{tuple(model_config.input_size)}; resize the data or build the model with "
+            "input_size set")
+
+
+def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
+          config: TrainConfig, run_dir: str | os.PathLike, *, recipe: Recipe | None = None,
+          resume: bool = True, progress: bool = True, extra_metadata: dict | None = None,
+          stop_after_steps: int | None = None) -> list[dict]:
+    """Train ``model`` in place; write ``run_dir/checkpoint.pt`` each epoch and metrics lines.
+
+    Returns the per-epoch metrics. With ``resume`` and a checkpoint in ``run_dir`` made with the
+    same settings, training continues after its last finished epoch. ``stop_after_steps`` ends
+    the run early after that many optimiser steps (used to test resuming).
+    """
+    config.validate()
+    recipe = recipe or StandardRecipe()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
+    device = next(model.parameters()).device
+    fingerprint = _config_fingerprint(model, config, recipe, len(train_data))
+    _check_data_fits_model(model, train_data, "training")
+    if test_data is not None:
+        _check_data_fits_model(model, test_data, "test")
+
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=True, weight_decay=config.weight_decay)
+    start_epoch, history, elapsed = 0, [], 0.0
+    if resume and ckpt_path.is_file():
+        blob = read_checkpoint(ckpt_path)
+        if blob.get("fingerprint") != fingerprint:
+            raise GradshieldError(
+                f"{run_dir} holds a run with different settings; pass another output directory "
+                "or --no-resume to start over (the old checkpoint will be overwritten)")
+        model.load_state_dict(blob["model_state"])
+        optimizer.load_state_dict(blob["optimizer_state"])
+        torch.set_rng_state(blob["rng_state"])
+        start_epoch, elapsed = blob["epoch"] + 1, blob["elapsed_s"]
+        history = _read_metrics(metrics_path, blob["epoch"])
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    if history:  # drop lines written after the checkpoint we resume from
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    steps_per_epoch = max(1, len(train_data) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
+    bf16 = use_bf16(config, device)
+    steps_done = 0
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        generator = derived_generator(config.seed, epoch)
+        model.train()
+        loss_sum, seen = 0.0, 0
+        batches = iterate_batches(train_data, config.batch_size, shuffle=True,
+                                  generator=generator, augment=config.augment, drop_last=True)
+        bar = tqdm(batches, total=steps_per_epoch, disable=not progress, leave=False, mininterval=2,
+                   desc=f"epoch {epoch + 1}/{config.epochs}")
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps)
+            x = x.to(device, memory_format=memory_format)
+            y = y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = recipe(model, x, y, generator)
+            if not torch.isfinite(loss):
+                raise GradshieldError(
+                    f"training loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                    "lower the learning rate (--lr) or the defense's weight")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * y.shape[0]
+            seen += y.shape[0]
+            steps_done += 1
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                return history
+        elapsed += time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen),
+               "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+        if test_data is not None:
+            t1 = time.perf_counter()
+            x_test, y_test = test_data.as_float()
+            row["test_acc"] = accuracy(model, x_test.to(device, memory_format=memory_format),
+                                       y_test.to(device))
+            elapsed += time.perf_counter() - t1
+            row["elapsed_s"] = round(elapsed, 2)
+        history.append(row)
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        save_checkpoint(ckpt_path, {
+            "model_config": fingerprint["model"], "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
+            "epoch": epoch, "elapsed_s": elapsed, "fingerprint": fingerprint,
+            "classes": list(train_data.classes), "metrics": history,
+            "train_config": asdict(config), "recipe": recipe.describe(),
+            **(extra_metadata or {}),
+        })
+        if progress:
+            shown = f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f}"
+                       f"{shown} ({elapsed:.0f} s)")
+    model.eval()
+    return history

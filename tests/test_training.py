@@ -1,0 +1,142 @@
+"""The training loop: learning on real data, exact resume after a kill, metrics, recipes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gradshield.checkpoint import load_model, read_checkpoint
+from gradshield.data import ImageData
+from gradshield.errors import GradshieldError
+from gradshield.models import create_model
+from gradshield.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, learning_rate, train
+
+SMALL = TrainConfig(epochs=3, batch_size=64, lr=0.1, seed=3)
+
+
+def _fresh(seed=0):
+    torch.manual_seed(seed)
+    return create_model("compact", width=0.5)
+
+
+def _weights_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_learning_rate_schedule():
+    lrs = [learning_rate(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[9] == 1.0 and lrs[0] == pytest.approx(0.1) and lrs[-1] < 0.02
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+
+
+def test_training_learns_on_real_cifar10(cifar, tmp_path):
+    train_data, test_data = cifar[0].subset(2048, seed=0), cifar[1].subset(500, seed=0)
+    model = _fresh()
+    history = train(model, train_data, test_data, SMALL, tmp_path, progress=False)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["test_acc"] > 0.30  # chance is 0.10
+    lines = (tmp_path / METRICS_NAME).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    assert not model.training
+
+
+def test_resume_mid_epoch_gives_identical_weights(cifar, tmp_path):
+    data = cifar[0].subset(1024, seed=1)
+    reference = _fresh()
+    train(reference, data, None, SMALL, tmp_path / "ref", progress=False)
+
+    interrupted = _fresh()
+    steps_per_epoch = 1024 // 64
+    train(interrupted, data, None, SMALL, tmp_path / "cut", progress=False,
+          stop_after_steps=steps_per_epoch + 5)  # dies 5 steps into the second epoch
+    assert read_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["epoch"] == 0
+    resumed = _fresh(seed=99)  # different init: everything must come from the checkpoint
+    history = train(resumed, data, None, SMALL, tmp_path / "cut", progress=False)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert _weights_equal(resumed, reference)
+
+
+def test_resume_refuses_a_run_with_other_settings(cifar, tmp_path):
+    data = cifar[0].subset(256, seed=0)
+    train(_fresh(), data, None, TrainConfig(epochs=1, batch_size=64), tmp_path, progress=False)
+    with pytest.raises(GradshieldError, match="different settings"):
+        train(_fresh(), data, None, TrainConfig(epochs=1, batch_size=32), tmp_path,
+              progress=False)
+
+
+def test_labels_out_of_range_and_wrong_size_images(cifar, tmp_path):
+    data = cifar[0].subset(64, seed=0)
+    model = create_model("compact", num_classes=5, width=0.25)
+    with pytest.raises(GradshieldError, match="number of classes"):
+        train(model, data, None, SMALL, tmp_path, progress=False)
+    big = ImageData(torch.zeros(4, 3, 40, 40, dtype=torch.uint8), torch.zeros(4, dtype=torch.long),
+                    data.classes)
+    with pytest.raises(GradshieldError, match="expects"):
+        train(_fresh(), big, None, SMALL, tmp_path, progress=False)
+
+
+@dataclass(frozen=True)
+class _ScaledRecipe:
+    """A user-defined recipe: the loop must accept it unchanged."""
+
+    scale: float = 0.5
+    name: str = "scaled"
+
+    def __call__(self, model, x, y, generator):
+        noise = torch.rand(x.shape, generator=generator) * 0.01
+        return self.scale * torch.nn.functional.cross_entropy(model((x + noise).clamp(0, 1)), y)
+
+    def describe(self):
+        return {"name": self.name, "scale": self.scale}
+
+
+def test_custom_recipe_plugs_in(cifar, tmp_path):
+    data = cifar[0].subset(512, seed=0)
+    history = train(_fresh(), data, None, TrainConfig(epochs=2, batch_size=64), tmp_path,
+                    recipe=_ScaledRecipe(), progress=False)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)["recipe"]["name"] == "scaled"
+
+
+def test_cli_train_survives_sigkill_and_evaluate_needs_only_the_file(tmp_path):
+    def command(out):
+        return [sys.executable, "-m", "gradshield", "train", "--train-limit", "3072",
+                "--test-limit", "200", "--epochs", "3", "--batch-size", "128", "--width", "0.5",
+                "--seed", "5", "--quiet", "--out", str(out)]
+
+    env = {**os.environ, "GRADSHIELD_DATA": os.environ.get(
+        "GRADSHIELD_DATA", str(__import__("tests.conftest", fromlist=["x"]).data_dir()))}
+    subprocess.run(command(tmp_path / "ref"), check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen(command(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / METRICS_NAME
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    done = subprocess.run(command(tmp_path / "cut"), check=True, env=env, capture_output=True,
+                          text=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["epochs"] == 3
+    ref, _ = load_model(tmp_path / "ref" / CHECKPOINT_NAME)
+    cut, _ = load_model(tmp_path / "cut" / CHECKPOINT_NAME)
+    assert _weights_equal(ref, cut)
+
+    evaluated = subprocess.run([sys.executable, "-m", "gradshield", "evaluate", "--checkpoint",
+                                str(tmp_path / "cut" / CHECKPOINT_NAME), "--test-limit", "200"],
+                               check=True, env=env, capture_output=True, text=True)
+    result = json.loads(evaluated.stdout)
+    assert result["examples"] == 200 and 0.2 < result["clean_accuracy"] <= 1.0
