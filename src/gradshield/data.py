@@ -245,22 +245,21 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, paddin
                      flip: bool = True) -> torch.Tensor:
     """Random crop after zero padding by ``padding`` pixels, and random horizontal flip, per image.
 
-    Works on a batch (N, C, H, W) of any dtype in one vectorised gather.
+    One gather over the padded batch (N, C, H, W), any dtype: the crop offsets and the flip are
+    folded into a single index, so the batch is read once.
     """
-    n, _, h, w = images.shape
-    if padding > 0:
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (N,1,H,1)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (N,1,1,W)
-        batch = torch.arange(n)[:, None, None, None]
-        chans = torch.arange(images.shape[1])[None, :, None, None]
-        images = padded[batch, chans, rows, cols]
+    n, c, h, w = images.shape
+    hp, wp = h + 2 * padding, w + 2 * padding
+    padded = torch.nn.functional.pad(images, (padding,) * 4) if padding > 0 else images
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    cols = torch.arange(w).expand(n, w)
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
-        images = torch.where(mask[:, None, None, None], images.flip(3), images)
-    return images
+        flipped = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    index = (dy[:, None, None] + torch.arange(h)[None, :, None]) * wp + (dx[:, None] + cols)[:, None, :]
+    flat = padded.reshape(n, c, hp * wp)
+    return flat.gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False,
