@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ def _weights_equal(a, b):
 def test_learning_rate_schedule():
     lrs = [learning_rate(s, 100, 1.0, 10) for s in range(100)]
     assert lrs[9] == 1.0 and lrs[0] == pytest.approx(0.1) and lrs[-1] < 0.02
-    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
 
 
 def test_training_learns_on_real_cifar10(cifar, tmp_path):

@@ -83,10 +83,18 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="bfloat16 autocast for training: auto uses it where the CPU/GPU runs it "
                           "natively (weights and evaluation stay float32) (default: %(default)s)")
     opt.add_argument("--no-augment", action="store_true",
-                     help="disable random crop (4 px zero padding) and horizontal flip")
+                     help="disable the random crop (after 4-pixel zero padding) and horizontal flip")
     opt.add_argument("--seed", type=int, default=d.seed,
                      help="seed for initialisation, data order, augmentation and subsets "
                           "(default: %(default)s)")
+    defense = parser.add_argument_group("defense (training recipe)")
+    defense.add_argument("--defense", default="standard",
+                         help="training recipe: standard, at, igr, fgr, adt, fgr_adt "
+                              "(`gradshield defenses` lists each one's options and units) "
+                              "(default: %(default)s)")
+    defense.add_argument("--defense-option", action="append", default=[], metavar="KEY=VALUE",
+                         help="an option of the recipe, repeatable, e.g. --defense fgr "
+                              "--defense-option lam=0.05")
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/train",
                      help="run folder: checkpoint.pt (each epoch), metrics.jsonl "
@@ -96,10 +104,57 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def parse_options(pairs: list[str], fields: dict[str, type]) -> dict:
+    """``["lam=0.1", "steps=7"]`` -> typed keyword options, checked against ``fields``."""
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise GradshieldError(
+                f"bad option {pair!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        kind = fields[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                options[key] = raw.lower() in ("true", "1")
+            elif kind in (int, float, str):
+                options[key] = kind(raw)
+            else:  # e.g. "float | None"
+                options[key] = None if raw.lower() == "none" else float(raw)
+        except ValueError as err:
+            raise GradshieldError(f"option {key} needs a {getattr(kind, '__name__', kind)}, "
+                                  f"got {raw!r}") from err
+    return options
+
+
+def recipe_fields(name: str) -> dict[str, type]:
+    """The settable options of a registered recipe (dataclass fields except its name)."""
+    import dataclasses
+    import typing
+
+    from gradshield.defenses.recipes import RECIPES
+
+    if name not in RECIPES:
+        raise GradshieldError(f"unknown defense {name!r}; choose one of {sorted(RECIPES)}")
+    factory = RECIPES[name]
+    hints = typing.get_type_hints(factory)
+    return {f.name: hints.get(f.name, float) for f in dataclasses.fields(factory)
+            if f.name != "name"}
+
+
+def _make_recipe(args: argparse.Namespace):
+    from gradshield.defenses.recipes import make_recipe
+
+    return make_recipe(args.defense, **parse_options(args.defense_option,
+                                                     recipe_fields(args.defense)))
+
+
 def _train(args: argparse.Namespace):
     from gradshield.models import create_model
     from gradshield.training import TrainConfig, train
 
+    recipe = _make_recipe(args)  # bad options fail before the data loads
     train_data, test_data = _load_data(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          momentum=args.momentum, weight_decay=args.weight_decay,
@@ -109,8 +164,8 @@ def _train(args: argparse.Namespace):
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
                          input_size=tuple(train_data.image_shape[1:]))
     started = time.perf_counter()
-    history = train(model, train_data, test_data, config, args.out, resume=not args.no_resume,
-                    progress=not args.quiet,
+    history = train(model, train_data, test_data, config, args.out, recipe=recipe,
+                    resume=not args.no_resume, progress=not args.quiet,
                     extra_metadata={"command": " ".join(sys.argv), "dataset": args.dataset,
                                     "train_limit": args.train_limit})
     return model, history, time.perf_counter() - started
@@ -161,6 +216,23 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defenses(args: argparse.Namespace) -> int:
+    import dataclasses
+    import inspect
+    import textwrap
+
+    from gradshield.defenses.recipes import RECIPES
+
+    for name, factory in sorted(RECIPES.items()):
+        doc = textwrap.indent(inspect.cleandoc(factory.__doc__ or ""), "  ")
+        print(f"{name}\n{doc}\n  options (--defense-option KEY=VALUE):")
+        defaults = {f.name: f.default for f in dataclasses.fields(factory) if f.name != "name"}
+        for key, kind in recipe_fields(name).items():
+            print(f"    {key} ({getattr(kind, '__name__', kind)}, default {defaults[key]!r})")
+        print()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from gradshield.models import list_models
 
@@ -192,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     _add_data_options(p, train=True)
     p.set_defaults(func=cmd_quickstart, epochs=6, out="runs/quickstart")
+
+    p = sub.add_parser("defenses", help="list the training recipes and their options")
+    p.set_defaults(func=cmd_defenses)
 
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)
