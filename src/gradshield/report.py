@@ -1,0 +1,470 @@
+"""Reports from results files: Markdown plus a self-contained HTML page (images inlined as PNG).
+
+``gradshield report RUN.db [RUN2.db ...] --out DIR`` writes ``DIR/report.md`` (with its PNG files
+beside it) and ``DIR/report.html`` (one file: no external CSS, JS or images). Several runs are
+shown side by side (e.g. vanilla vs GCM vs FGR). Contents: runs and their provenance, clean
+accuracy, robust accuracy and AR per attack and budget, the worst case over attacks, robust
+accuracy vs budget curves, clean / adversarial / perturbation images, the gradient-sign figure,
+the gradient-masking verdict when the run has one, and the exact commands, versions and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gradshield.errors import GradshieldError
+from gradshield.evaluation import RunResults, attack_rows, blob_array, load_run, open_results
+
+MODE_NOTE = {
+    "per-attack": "every attack ran on every clean-correct example: per-attack numbers are exact",
+    "worst-case": ("attacks skipped examples an earlier attack had already broken (AutoAttack "
+                   "style): per-attack columns show the cumulative robust accuracy after that "
+                   "attack (marked *), the worst case is exact"),
+}
+
+
+@dataclass
+class Figure:
+    name: str
+    png: bytes
+    caption: str
+
+
+@dataclass
+class Section:
+    title: str
+    # ("table", head, rows) | ("figure", Figure) | ("text", str) | ("code", str) | ("details", s, s)
+    blocks: list = field(default_factory=list)
+
+
+def _pct(value: float) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _plt()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run_names(runs: list[RunResults]) -> list[str]:
+    names = [r.path.stem for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
+    return names
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def overview(runs, names) -> Section:
+    rows = []
+    for name, run in zip(names, runs, strict=True):
+        m = run.meta
+        gcm = m.get("gcm")
+        data = m.get("data") or {}
+        rows.append([name, m.get("suite", "?"), str(m.get("checkpoint", "(in-process model)")),
+                     (m.get("checkpoint_sha256") or m.get("model_fingerprint", ""))[:12],
+                     f"GCM at {gcm['at']} (w={gcm['w']:g}, eps={gcm['eps']:g})" if gcm else
+                     (f"GCM layers: {m['gcm_layers']}" if m.get("gcm_layers") else "none"),
+                     f"{data.get('dataset', '?')} {data.get('split', '')}, {run.n} examples",
+                     str(m.get("seed")), m.get("mode"),
+                     "complete" if run.complete else
+                     f"INCOMPLETE ({run.complete_batches}/{run.total_batches} batches)"])
+    head = ["run", "suite", "checkpoint", "sha256/fingerprint", "defense", "data", "seed", "mode", "status"]
+    s = Section("Runs", [("table", head, rows)])
+    for mode in sorted({r.meta["mode"] for r in runs}):
+        s.blocks.append(("text", f"Mode {mode}: {MODE_NOTE[mode]}."))
+    return s
+
+
+def headline(runs, names) -> Section:
+    rows = []
+    for name, run in zip(names, runs, strict=True):
+        worst = run.worst_case()
+        correct = run.clean_correct
+        rows.append([name, _pct(correct.mean()), _pct(worst.mean()),
+                     _pct(worst.sum() / correct.sum() if correct.any() else float("nan")),
+                     str(len(run.attacks))])
+    return Section("Clean accuracy and worst case over all attacks", [
+        ("table", ["run", "ACC", "worst-case robust accuracy", "worst-case AR", "attacks"], rows),
+        ("text", "ACC: clean accuracy. Robust accuracy: share of all examples correct before and "
+                 "after the attack. AR (attack robustness, RobustART/GCM paper): share of the "
+                 "clean-correct examples that stay correct. Worst case: an example counts as robust "
+                 "only if no attack of the suite broke it (the attacks differ in norm and budget).")])
+
+
+def per_attack_table(runs, names, rows_by_run) -> Section:
+    order: list[tuple[str, str, str]] = []
+    seen = set()
+    for run in runs:
+        for att in run.attacks:
+            if att["id"] not in seen:
+                seen.add(att["id"])
+                order.append((att["id"], att["family"], att["label"]))
+    lookup = [{r["id"]: r for r in rows} for rows in rows_by_run]
+    table = []
+    for ident, family, label in order:
+        row = [ident, family, label]
+        for run, rows in zip(runs, lookup, strict=True):
+            r = rows.get(ident)
+            if r is None:
+                row.append("–")
+            elif run.meta["mode"] == "per-attack":
+                row.append(f"{_pct(r['robust_accuracy'])} ({_pct(r['ar'])})")
+            else:
+                row.append(f"{_pct(r['cumulative_robust_accuracy'])}*")
+        table.append(row)
+    head = ["attack", "family", "budget"] + [f"{n}: RA (AR)" for n in names]
+    return Section("Robust accuracy per attack and budget", [
+        ("table", head, table),
+        ("text", "RA: robust accuracy over all examples; AR in brackets: over the clean-correct "
+                 "examples. * = cumulative robust accuracy after this attack (worst-case mode).")])
+
+
+def group_worst_case(runs, names) -> Section | None:
+    table = []
+    for name, run in zip(names, runs, strict=True):
+        groups = defaultdict(list)
+        for a, att in enumerate(run.attacks):
+            groups[(att["family"], att["label"])].append(a)
+        for (family, label), members in groups.items():
+            if len(members) > 1:
+                worst = run.worst_case(members)
+                ids = ", ".join(run.attacks[a]["id"] for a in members)
+                table.append([name, family, label, ids, _pct(worst.mean())])
+    if not table:
+        return None
+    return Section("Worst case per budget (attacks sharing a family and budget)", [
+        ("table", ["run", "family", "budget", "attacks", "worst-case RA"], table)])
+
+
+def attack_details(runs, names, rows_by_run) -> Section:
+    s = Section("Attack details")
+    for name, rows in zip(names, rows_by_run, strict=True):
+        table = [[r["id"], r["kind"], r["through"], _num(r["eps"]), str(r["attacked"]),
+                  _pct(r["success_rate"]), _num(r["median_size_success"]), _num(r["mean_queries"]),
+                  f"{1000 * r['seconds_per_example']:.1f}" if math.isfinite(r["seconds_per_example"])
+                  else "–"] for r in rows]
+        s.blocks.append(("text", f"Run {name}:"))
+        s.blocks.append(("table", ["attack", "kind", "through", "eps (attack units)", "attacked",
+                                   "success (of attacked)", "median size of successes",
+                                   "mean queries", "ms / example"], table))
+    s.blocks.append(("text", "eps and sizes: [0, 1] pixel scale for additive attacks, pixels for flow "
+                             "attacks, in the attack's norm."))
+    return s
+
+
+def curves(runs, names) -> Section | None:
+    by_family: dict[str, list] = defaultdict(list)
+    for name, run in zip(names, runs, strict=True):
+        if run.meta["mode"] != "per-attack":
+            continue
+        series = defaultdict(list)
+        for a, att in enumerate(run.attacks):
+            if att["eps"] is not None:
+                series[(att["family"], att["attack"], att["through"])].append(
+                    (att["eps"], run.robust(a).mean(), att["label"]))
+        for (family, attack, through), points in series.items():
+            if len(points) >= 2:
+                label = f"{name}: {attack}" + ("" if through == "model" else f" ({through})")
+                by_family[family].append((label, sorted(points)))
+    if not by_family:
+        return None
+    plt = _plt()
+    s = Section("Robust accuracy vs budget")
+    for family, lines in sorted(by_family.items()):
+        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        for label, points in lines:
+            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
+        first = max(lines, key=lambda item: len(item[1]))[1]
+        ax.set_xticks([p[0] for p in first], [p[2] for p in first], fontsize=8)
+        ax.set_xlabel(f"budget ({family})")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        s.blocks.append(("figure", Figure(f"curve-{family}", _png(fig),
+                                          f"Robust accuracy vs {family} budget (per-attack mode)")))
+    return s
+
+
+def _flow_colour(flow: np.ndarray) -> np.ndarray:
+    """(2, H, W) flow -> RGB: hue = direction, brightness = magnitude / max."""
+    from matplotlib.colors import hsv_to_rgb
+
+    u, v = flow[0], flow[1]
+    mag = np.hypot(u, v)
+    hue = (np.arctan2(v, u) / (2 * np.pi)) % 1.0
+    value = mag / mag.max() if mag.max() > 0 else mag
+    return hsv_to_rgb(np.stack([hue, np.ones_like(hue), value], -1))
+
+
+def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
+                max_attacks: int = 12) -> Figure | None:
+    conn, _ = open_results(path)
+    try:
+        rows = conn.execute(
+            "SELECT s.aid, s.idx, s.success, s.shape, s.clean, s.adversarial, s.pshape, s.perturbation "
+            "FROM samples s ORDER BY s.aid, s.success DESC, s.idx").fetchall()
+    finally:
+        conn.close()
+    picked = defaultdict(list)
+    for row in rows:
+        if len(picked[row[0]]) < per_attack and (row[0] in picked or len(picked) < max_attacks):
+            picked[row[0]].append(row)
+    if not picked:
+        return None
+    plt = _plt()
+    classes = run.meta.get("classes")
+    n_rows, n_cols = len(picked), 3 * per_attack
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.55 * n_rows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for r, (aid, samples) in enumerate(sorted(picked.items())):
+        attack = run.attacks[aid]
+        axes[r, 0].set_ylabel(attack["id"], fontsize=6, rotation=0, ha="right", va="center")
+        for k, (_, idx, success, shape, clean, adv, pshape, pert) in enumerate(samples):
+            x, xa, p = blob_array(shape, clean), blob_array(shape, adv), blob_array(pshape, pert)
+            label = int(run.labels[idx])
+            cls = classes[label] if classes else str(label)
+            axes[r, 3 * k].imshow(np.clip(x.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+            axes[r, 3 * k].set_title(f"#{idx} {cls}", fontsize=6)
+            axes[r, 3 * k + 1].imshow(np.clip(xa.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+            axes[r, 3 * k + 1].set_title("fooled" if success else "not fooled", fontsize=6,
+                                         color="#b00" if success else "#070")
+            ax = axes[r, 3 * k + 2]
+            if p.shape[0] == 2:  # a flow field (pixels)
+                ax.imshow(_flow_colour(p), interpolation="nearest")
+                step = max(1, p.shape[1] // 8)
+                ys, xs = np.mgrid[0:p.shape[1]:step, 0:p.shape[2]:step]
+                ax.quiver(xs, ys, p[0, ::step, ::step], -p[1, ::step, ::step], color="white",
+                          angles="xy", scale_units="xy", scale=None, width=0.012)
+                ax.set_title(f"flow max {np.abs(p).max():.2g}px", fontsize=6)
+            else:
+                amp = float(np.abs(p).max())
+                ax.imshow(np.clip(0.5 + p.transpose(1, 2, 0) / (2 * amp), 0, 1) if amp > 0 else
+                          np.full(p.transpose(1, 2, 0).shape, 0.5), interpolation="nearest")
+                ax.set_title(f"delta (max {amp * 255:.1f}/255)", fontsize=6)
+    fig.suptitle(f"{name}: clean / adversarial / perturbation (scaled to its max)", fontsize=8)
+    fig.tight_layout()
+    return Figure(f"samples-{name}", _png(fig), f"{name}: example images per attack; flow fields "
+                  "coloured by direction (hue) and size (brightness), arrows every few pixels")
+
+
+def artifacts(path: Path) -> dict[str, bytes]:
+    conn, _ = open_results(path)
+    try:
+        return dict(conn.execute("SELECT name, data FROM artifacts").fetchall())
+    finally:
+        conn.close()
+
+
+def figures_and_verdicts(runs, names) -> list[Section]:
+    images, verdicts = Section("Example images"), Section("Gradient sign and gradient-masking diagnostics")
+    for name, run in zip(names, runs, strict=True):
+        grid = sample_grid(run.path, run, name)
+        if grid is not None:
+            images.blocks.append(("figure", grid))
+        stored = artifacts(run.path)
+        if "gradient_sign" in stored:
+            verdicts.blocks.append(("figure", Figure(
+                f"gradient-sign-{name}", stored["gradient_sign"],
+                f"{name}: sign of the input gradient of the loss (GCM paper, Fig. 4); noise means "
+                "the autograd gradient carries no usable direction")))
+        if "diagnostics" in stored:
+            d = json.loads(stored["diagnostics"])
+            verdicts.blocks.append(("text", f"Run {name} — diagnostics (records: {d.get('records')}):"))
+            verdicts.blocks.append(("code", d["text"]))
+        else:
+            verdicts.blocks.append(("text", f"Run {name}: no diagnostics stored (run evaluate with "
+                                            "--diagnose)."))
+    return [s for s in (images, verdicts) if s.blocks]
+
+
+def reproduction(runs, names) -> Section:
+    s = Section("Reproduction")
+    for name, run in zip(names, runs, strict=True):
+        m = run.meta
+        commands = m.get("commands") or [m.get("command", "")]
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(m.get("created", 0)))
+        s.blocks.append(("text", f"Run {name} ({run.path.name}), started {started}, seed {m.get('seed')}, "
+                                 f"batch size {m.get('batch_size')}, mode {m.get('mode')}:"))
+        s.blocks.append(("code", "\n".join(c for c in commands if c) or "(run from Python)"))
+        s.blocks.append(("code", json.dumps(m.get("versions", {}), indent=1)))
+        s.blocks.append(("details", f"suite {m.get('suite')} ({m.get('suite_origin')})",
+                         m.get("suite_toml", "")))
+    return s
+
+
+def build_sections(paths) -> tuple[list[RunResults], list[Section]]:
+    if not paths:
+        raise GradshieldError("give at least one results file (RUN.db)")
+    runs = [load_run(p) for p in paths]
+    names = run_names(runs)
+    rows_by_run = [attack_rows(r) for r in runs]
+    sections = [overview(runs, names), headline(runs, names),
+                per_attack_table(runs, names, rows_by_run), group_worst_case(runs, names),
+                curves(runs, names), *figures_and_verdicts(runs, names),
+                attack_details(runs, names, rows_by_run), reproduction(runs, names)]
+    return runs, [s for s in sections if s is not None]
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(sections: list[Section], out: Path, title: str) -> str:
+    lines = [f"# {title}", ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        for block in s.blocks:
+            if block[0] == "table":
+                _, head, rows = block
+                lines.append("| " + " | ".join(_md_cell(h) for h in head) + " |")
+                lines.append("|" + "---|" * len(head))
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+            elif block[0] == "figure":
+                fig = block[1]
+                file = f"{_safe(fig.name)}.png"
+                (out / file).write_bytes(fig.png)
+                lines.append(f"![{fig.caption}]({file})")
+                lines.append(f"*{fig.caption}*")
+            elif block[0] == "text":
+                lines.append(block[1])
+            elif block[0] == "code":
+                lines += ["```", block[1], "```"]
+            elif block[0] == "details":
+                lines += [f"<details><summary>{html.escape(block[1])}</summary>", "", "```toml",
+                          block[2], "```", "</details>"]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1180px;padding:0 16px;color:#1b1b1b;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:1.8em}
+table{border-collapse:collapse;margin:8px 0 12px;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f0f2f5}tr:nth-child(even) td{background:#fafafa}
+pre{background:#f5f5f5;padding:8px;overflow-x:auto;font-size:12px;white-space:pre-wrap}
+figure{margin:10px 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}
+.note{font-size:13px;color:#333}
+"""
+
+
+def to_html(sections: list[Section], title: str) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for s in sections:
+        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        for block in s.blocks:
+            if block[0] == "table":
+                _, head, rows = block
+                parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+                             + "</tr></thead><tbody>")
+                parts += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                          for row in rows]
+                parts.append("</tbody></table>")
+            elif block[0] == "figure":
+                fig = block[1]
+                data = base64.b64encode(fig.png).decode()
+                parts.append(f'<figure><img alt="{html.escape(fig.caption)}" '
+                             f'src="data:image/png;base64,{data}"><figcaption>'
+                             f"{html.escape(fig.caption)}</figcaption></figure>")
+            elif block[0] == "text":
+                parts.append(f'<p class="note">{html.escape(block[1])}</p>')
+            elif block[0] == "code":
+                parts.append(f"<pre>{html.escape(block[1])}</pre>")
+            elif block[0] == "details":
+                parts.append(f"<details><summary>{html.escape(block[1])}</summary><pre>"
+                             f"{html.escape(block[2])}</pre></details>")
+    parts.append(f'<p class="note">Generated by gradshield at '
+                 f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}.</p></body></html>')
+    return "\n".join(parts)
+
+
+def write_report(paths, out: str | os.PathLike, *, title: str | None = None) -> dict:
+    """Write ``out/report.md`` (+ PNGs) and ``out/report.html`` for one or more results files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs, sections = build_sections([Path(p) for p in paths])
+    title = title or "gradshield robustness report: " + " vs ".join(run_names(runs))
+    (out / "report.md").write_text(to_markdown(sections, out, title))
+    (out / "report.html").write_text(to_html(sections, title))
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
+            "runs": len(runs), "seconds": round(time.perf_counter() - started, 3),
+            "incomplete": [str(r.path) for r in runs if not r.complete]}
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradshield report``."""
+    parser.add_argument("runs", nargs="+", metavar="RUN.db",
+                        help="results files written by `gradshield evaluate --suite`; several are "
+                             "shown side by side")
+    parser.add_argument("--out", default="runs/report",
+                        help="output folder for report.md (+ PNGs) and report.html (default: %(default)s)")
+    parser.add_argument("--title", default=None, help="report title")
+
+
+def report_cli(args: argparse.Namespace) -> int:
+    result = write_report(args.runs, args.out, title=args.title)
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradshield.report", description=__doc__.split("\n")[0])
+    add_report_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return report_cli(args)
+    except (GradshieldError, sqlite3.Error) as err:
+        print(f"gradshield: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
