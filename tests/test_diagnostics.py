@@ -1,0 +1,123 @@
+"""Gradient-masking diagnostics: each check's logic on constructed outcomes, and the model checks
+flag a GCM-wrapped model while passing the vanilla one (real CIFAR-10 model and images)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradshield.defenses.concealment import conceal
+from gradshield.diagnostics import (
+    BPDA,
+    ITERATIVE,
+    NOISE,
+    SINGLE_STEP,
+    TRANSFER,
+    AttackRecord,
+    Verdict,
+    check_black_box,
+    check_budget_monotonicity,
+    check_finite_differences,
+    check_single_step,
+    diagnose,
+    gradient_health,
+)
+from gradshield.errors import GradshieldError
+
+N = 100
+ALL = torch.ones(N, dtype=torch.bool)
+
+
+def _success(count: int) -> torch.Tensor:
+    out = torch.zeros(N, dtype=torch.bool)
+    out[:count] = True
+    return out
+
+
+def _rec(name, kind, eps, count, norm="linf"):
+    return AttackRecord(name, kind, norm, eps, _success(count))
+
+
+def test_single_step_check():
+    flagged = check_single_step([_rec("fgsm", SINGLE_STEP, 8 / 255, 60),
+                                 _rec("pgd", ITERATIVE, 8 / 255, 10)], ALL)
+    assert flagged.flagged and flagged.evidence["budgets"]["linf eps=0.0313725"]["single_step"] == 0.6
+    fine = check_single_step([_rec("fgsm", SINGLE_STEP, 8 / 255, 60),
+                              _rec("pgd", ITERATIVE, 8 / 255, 99)], ALL)
+    assert not fine.flagged and not fine.skipped
+    skipped = check_single_step([_rec("pgd", ITERATIVE, 8 / 255, 99)], ALL)
+    assert skipped.skipped and not skipped.flagged
+
+
+def test_black_box_check_counts_examples_only_the_other_attack_breaks():
+    white = _rec("pgd", ITERATIVE, 0.03, 50)
+    assert check_black_box([white, _rec("bpda", BPDA, 0.03, 90)], ALL).flagged
+    assert not check_black_box([white, _rec("transfer", TRANSFER, 0.03, 40)], ALL).flagged
+    # same rate, but on disjoint examples: 50 % broken only by the noise baseline
+    disjoint = AttackRecord("noise", NOISE, "linf", 0.03, ~_success(50))
+    finding = check_black_box([white, disjoint], ALL)
+    assert finding.flagged
+    (case,) = finding.evidence["comparisons"].values()
+    assert case["broken_only_by_other"] == 0.5
+    # a different budget is not compared
+    assert check_black_box([white, _rec("bpda", BPDA, 0.06, 90)], ALL).skipped
+
+
+def test_budget_check():
+    rising = [_rec("pgd", ITERATIVE, e, c) for e, c in [(2, 40), (4, 70), (8, 98)]]
+    assert not check_budget_monotonicity(rising, ALL).flagged
+    flat = [_rec("pgd", ITERATIVE, e, c) for e, c in [(2, 5), (4, 6), (8, 7)]]
+    assert check_budget_monotonicity(flat, ALL).flagged
+    falling = [_rec("pgd", ITERATIVE, e, c) for e, c in [(2, 50), (4, 30), (8, 60)]]
+    assert check_budget_monotonicity(falling, ALL).flagged
+    saturated = [_rec("pgd", ITERATIVE, e, c) for e, c in [(2, 99), (8, 100)]]
+    assert not check_budget_monotonicity(saturated, ALL).flagged
+
+
+def test_rates_are_over_clean_correct_examples():
+    mask = _success(50)  # only the first 50 are clean-correct
+    fgsm = AttackRecord("fgsm", SINGLE_STEP, "linf", 0.1, ~_success(50))  # only wrong ones
+    pgd = _rec("pgd", ITERATIVE, 0.1, 10)
+    finding = check_single_step([fgsm, pgd], mask)
+    assert not finding.flagged
+    assert finding.evidence["budgets"]["linf eps=0.1"] == {
+        "single_step": 0.0, "iterative": 0.2, "flagged": False}
+
+
+def test_bad_records_are_rejected(test_batch, trained_model):
+    with pytest.raises(GradshieldError, match="unknown attack kind"):
+        AttackRecord("x", "whitebox", "linf", 0.1, ALL)
+    x, y = test_batch
+    with pytest.raises(GradshieldError, match="one entry per example"):
+        diagnose(trained_model, x[:8], y[:8], records=[_rec("pgd", ITERATIVE, 0.1, 3)],
+                 run_unbounded=False)
+
+
+def test_finite_differences_flag_gcm_not_vanilla(test_batch, trained_model):
+    x, y = test_batch
+    x, y = x[:32], y[:32]
+    gen = torch.Generator().manual_seed(0)
+    vanilla = check_finite_differences(trained_model, x, y, generator=gen)
+    assert not vanilla.flagged
+    assert vanilla.evidence["median_relative_error"] < 0.02
+    gcm = check_finite_differences(conceal(trained_model), x, y,
+                                   generator=torch.Generator().manual_seed(0))
+    assert gcm.flagged
+    # autograd's directional derivative is ~eps*w = 1e12 times the true rate of change
+    assert 1e10 < gcm.evidence["median_abs_ratio"] < 1e13
+
+
+def test_gradient_health_and_verdict_without_attacks(test_batch, trained_model):
+    x, y = test_batch
+    x, y = x[:32], y[:32]
+    healthy = gradient_health(trained_model, x, y)
+    assert not healthy.flagged and healthy.evidence["median_grad_l2"] < 1e3
+    gcm = conceal(trained_model)
+    masked_health = gradient_health(gcm, x, y)
+    # finite but ~1e12 larger: reported as evidence, not flagged by this check
+    assert not masked_health.flagged and masked_health.evidence["median_grad_l2"] > 1e9
+    verdict = diagnose(gcm, x, y, run_unbounded=False)
+    assert isinstance(verdict, Verdict) and verdict.masked
+    assert verdict.flagged == ["gradient_disagrees_with_finite_differences"]
+    assert "FLAG" in verdict.text() and verdict.to_dict()["masked"]
+    assert not diagnose(trained_model, x, y, run_unbounded=False).masked
