@@ -325,7 +325,8 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "suite_description": suite.description, "versions": versions(),
             "image_shape": list(image_shape), "classes": list(classes) if classes else None,
             "model": repr(model) if len(repr(model)) < 4000 else repr(model)[:4000] + "...",
-            "gcm_layers": len(_gcm_layers(model)), **(info or {})}
+            "gcm_layers": len(_gcm_layers(model)),
+            "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
     specs = suite.attacks
     targets = [attack_target(s, model, surrogate) for s in specs]  # fail early, before any work
     conn, _resumed = create_or_resume(db_path, identity, meta, specs, image_shape)

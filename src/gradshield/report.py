@@ -230,13 +230,28 @@ def _flow_colour(flow: np.ndarray) -> np.ndarray:
     return hsv_to_rgb(np.stack([hue, np.ones_like(hue), value], -1))
 
 
+def _rgb(chw: np.ndarray) -> np.ndarray:
+    hwc = np.clip(chw.transpose(1, 2, 0), 0, 1)
+    return np.repeat(hwc, 3, axis=2) if hwc.shape[2] == 1 else hwc[..., :3]
+
+
+def _perturbation_tile(p: np.ndarray) -> tuple[np.ndarray, str]:
+    if p.shape[0] == 2:  # a flow field in pixels
+        return _flow_colour(p), f"flow max {np.abs(p).max():.2g}px"
+    amp = float(np.abs(p).max())
+    tile = 0.5 + p / (2 * amp) if amp > 0 else np.full_like(p, 0.5)
+    return _rgb(tile), f"delta max {amp * 255:.1f}/255"
+
+
 def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
-                max_attacks: int = 12) -> Figure | None:
+                max_attacks: int = 12, scale: int = 3) -> Figure | None:
+    """One mosaic image (drawn once, fast for many attacks): per attack, ``per_attack`` examples as
+    clean / adversarial / perturbation; flow fields get arrows on top of their colour coding."""
     conn, _ = open_results(path)
     try:
         rows = conn.execute(
-            "SELECT s.aid, s.idx, s.success, s.shape, s.clean, s.adversarial, s.pshape, s.perturbation "
-            "FROM samples s ORDER BY s.aid, s.success DESC, s.idx").fetchall()
+            "SELECT aid, idx, success, shape, clean, adversarial, pshape, perturbation "
+            "FROM samples ORDER BY aid, success DESC, idx").fetchall()
     finally:
         conn.close()
     picked = defaultdict(list)
@@ -247,41 +262,51 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
         return None
     plt = _plt()
     classes = run.meta.get("classes")
-    n_rows, n_cols = len(picked), 3 * per_attack
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.45 * n_cols, 1.55 * n_rows + 0.3), squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_frame_on(False)
+    first = blob_array(rows[0][3], rows[0][4])
+    h, w = first.shape[1] * scale, first.shape[2] * scale
+    header, gap, cols = 16, 8, 3 * per_attack
+    cell_h, cell_w = h + header, w + gap
+    mosaic = np.ones((len(picked) * cell_h, cols * cell_w, 3))
+    texts, arrows = [], []
     for r, (aid, samples) in enumerate(sorted(picked.items())):
-        attack = run.attacks[aid]
-        axes[r, 0].set_ylabel(attack["id"], fontsize=6, rotation=0, ha="right", va="center")
+        top = r * cell_h + header
+        texts.append((-6, top + h / 2, run.attacks[aid]["id"], "right", "black"))
         for k, (_, idx, success, shape, clean, adv, pshape, pert) in enumerate(samples):
-            x, xa, p = blob_array(shape, clean), blob_array(shape, adv), blob_array(pshape, pert)
+            p = blob_array(pshape, pert)
+            tile_p, title_p = _perturbation_tile(p)
             label = int(run.labels[idx])
-            cls = classes[label] if classes else str(label)
-            axes[r, 3 * k].imshow(np.clip(x.transpose(1, 2, 0), 0, 1), interpolation="nearest")
-            axes[r, 3 * k].set_title(f"#{idx} {cls}", fontsize=6)
-            axes[r, 3 * k + 1].imshow(np.clip(xa.transpose(1, 2, 0), 0, 1), interpolation="nearest")
-            axes[r, 3 * k + 1].set_title("fooled" if success else "not fooled", fontsize=6,
-                                         color="#b00" if success else "#070")
-            ax = axes[r, 3 * k + 2]
-            if p.shape[0] == 2:  # a flow field (pixels)
-                ax.imshow(_flow_colour(p), interpolation="nearest")
+            tiles = [(_rgb(blob_array(shape, clean)), f"#{idx} {classes[label] if classes else label}",
+                      "black"),
+                     (_rgb(blob_array(shape, adv)), "fooled" if success else "not fooled",
+                      "#b00000" if success else "#006000"),
+                     (tile_p, title_p, "black")]
+            for c, (tile, title, colour) in enumerate(tiles):
+                left = (3 * k + c) * cell_w
+                mosaic[top:top + h, left:left + w] = np.kron(tile, np.ones((scale, scale, 1)))[:h, :w]
+                texts.append((left + w / 2, top - 3, title, "center", colour))
+            if p.shape[0] == 2 and np.abs(p).max() > 0:
                 step = max(1, p.shape[1] // 8)
-                ys, xs = np.mgrid[0:p.shape[1]:step, 0:p.shape[2]:step]
-                ax.quiver(xs, ys, p[0, ::step, ::step], -p[1, ::step, ::step], color="white",
-                          angles="xy", scale_units="xy", scale=None, width=0.012)
-                ax.set_title(f"flow max {np.abs(p).max():.2g}px", fontsize=6)
-            else:
-                amp = float(np.abs(p).max())
-                ax.imshow(np.clip(0.5 + p.transpose(1, 2, 0) / (2 * amp), 0, 1) if amp > 0 else
-                          np.full(p.transpose(1, 2, 0).shape, 0.5), interpolation="nearest")
-                ax.set_title(f"delta (max {amp * 255:.1f}/255)", fontsize=6)
+                ys, xs = np.mgrid[step // 2:p.shape[1]:step, step // 2:p.shape[2]:step]
+                length = 0.9 * step * scale / np.abs(p).max()
+                left = (3 * k + 2) * cell_w
+                arrows.append(np.stack([left + (xs + 0.5) * scale, top + (ys + 0.5) * scale,
+                                        p[0][ys, xs] * length, p[1][ys, xs] * length], -1).reshape(-1, 4))
+    dpi = 100
+    fig = plt.figure(figsize=((mosaic.shape[1] + 150) / dpi, (mosaic.shape[0] + 30) / dpi), dpi=dpi)
+    ax = fig.add_axes((150 / (mosaic.shape[1] + 150), 0, mosaic.shape[1] / (mosaic.shape[1] + 150),
+                       mosaic.shape[0] / (mosaic.shape[0] + 30)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    for x, y, text, align, colour in texts:
+        ax.text(x, y, text, ha=align, va="bottom" if align == "center" else "center", fontsize=7,
+                color=colour, clip_on=False)
+    if arrows:
+        a = np.concatenate(arrows)  # image y points down, as the flow's y component does
+        ax.quiver(a[:, 0], a[:, 1], a[:, 2], a[:, 3], angles="xy", scale_units="xy", scale=1,
+                  color="white", width=0.0025)
     fig.suptitle(f"{name}: clean / adversarial / perturbation (scaled to its max)", fontsize=8)
-    fig.tight_layout()
     return Figure(f"samples-{name}", _png(fig), f"{name}: example images per attack; flow fields "
-                  "coloured by direction (hue) and size (brightness), arrows every few pixels")
+                  "coloured by direction (hue) and size (brightness), with arrows")
 
 
 def artifacts(path: Path) -> dict[str, bytes]:
