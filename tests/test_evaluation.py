@@ -187,11 +187,13 @@ through = "transfer"
 """
 
 
-def test_adaptive_attacks_through_gcm_and_worst_case_mode(tmp_path, trained_model, data):
+def test_adaptive_attacks_through_gcm_and_worst_case_mode(tmp_path, trained_model, data, checkpoint):
     from gradshield.defenses.concealment import conceal
 
     x, y, classes = data
-    suite = parse_suite(ADAPTIVE)
+    # a transfer entry naming its own surrogate checkpoint (here: the same weights)
+    suite = parse_suite(ADAPTIVE + f'[[attack]]\nattack = "pgd"\neps = "8/255"\nthrough = "transfer"\n'
+                                   f'surrogate = "{checkpoint}"\nid = "pgd-transfer-file"\n')
     gcm = conceal(trained_model, at="front")
     common = dict(seed=0, batch_size=16, classes=classes, progress="none", gradient_figure=False)
     vanilla = summarize(run_suite(trained_model, x, y, suite, tmp_path / "vanilla.db", **common)["path"])
@@ -203,6 +205,8 @@ def test_adaptive_attacks_through_gcm_and_worst_case_mode(tmp_path, trained_mode
     assert ra["pgd-linf-8/255"] > ra["pgd-linf-8/255-bpda"] + 0.2
     assert ra["pgd-linf-8/255-bpda"] == pytest.approx(plain["pgd-linf-8/255"], abs=2 / N_EXAMPLES)
     assert ra["pgd-linf-8/255-transfer"] == pytest.approx(plain["pgd-linf-8/255"], abs=2 / N_EXAMPLES)
+    assert ra["pgd-transfer-file"] == pytest.approx(plain["pgd-linf-8/255"], abs=2 / N_EXAMPLES)
+    assert plain["pgd-transfer-file"] == plain["pgd-linf-8/255"]
     assert masked["worst_case_robust_accuracy"] <= min(ra.values())
     comparison = compare_runs(tmp_path / "vanilla.db", tmp_path / "gcm.db")
     assert comparison["same_examples"]

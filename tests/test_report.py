@@ -135,5 +135,7 @@ def test_html_report_renders_in_headless_chromium_without_console_errors(tmp_pat
     # rendered content, not a blank page: dark text on white, and the coloured example images
     assert (pixels.mean(2) < 100).mean() > 0.005
     assert pixels.std() > 20
+    # the inline PNGs decoded: saturated colour comes only from them (the page's own styles are
+    # grey); measured ~0.003 with the curve figure in view, ~0.00006 with the images blanked
     colourful = np.abs(pixels - pixels.mean(2, keepdims=True)).max(2) > 40
-    assert colourful.mean() > 0.01
+    assert colourful.mean() > 0.001

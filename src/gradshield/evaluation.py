@@ -239,6 +239,12 @@ def attack_target(spec: AttackSpec, model: nn.Module, surrogate: nn.Module | Non
     return AttackTarget(fn, model)
 
 
+def _load_surrogate(path: str) -> nn.Module:
+    from gradshield.checkpoint import load_model
+
+    return load_model(path)[0]
+
+
 def _call(target: AttackTarget, spec: AttackSpec, x, y, image_shape, generator):
     kwargs = spec.kwargs_for(image_shape)
     if "generator" in inspect.signature(target.function).parameters:
@@ -328,7 +334,14 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "gcm_layers": len(_gcm_layers(model)),
             "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
     specs = suite.attacks
-    targets = [attack_target(s, model, surrogate) for s in specs]  # fail early, before any work
+    # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
+    named = {s.surrogate: _load_surrogate(s.surrogate).to(device) for s in specs
+             if s.through == "transfer" and s.surrogate != "base"}
+    if named:
+        identity["surrogate_fingerprint"] = {"base": identity["surrogate_fingerprint"],
+                                             **{k: model_fingerprint(m) for k, m in named.items()}}
+    targets = [attack_target(s, model, named.get(s.surrogate, surrogate))  # fail early, before any work
+               for s in specs]
     conn, _resumed = create_or_resume(db_path, identity, meta, specs, image_shape)
     starts = list(range(0, n, batch_size))
     done = {(a, b) for a, b in conn.execute("SELECT aid, batch FROM batches")}

@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from gradshield.errors import GradshieldError
-from gradshield.evaluation import RunResults, attack_rows, blob_array, load_run, open_results
+from gradshield.evaluation import (
+    RunResults,
+    attack_rows,
+    blob_array,
+    compare_runs,
+    load_run,
+    open_results,
+)
 
 MODE_NOTE = {
     "per-attack": "every attack ran on every clean-correct example: per-attack numbers are exact",
@@ -166,6 +173,26 @@ def group_worst_case(runs, names) -> Section | None:
         return None
     return Section("Worst case per budget (attacks sharing a family and budget)", [
         ("table", ["run", "family", "budget", "attacks", "worst-case RA"], table)])
+
+
+def paired(runs, names) -> Section | None:
+    """Runs on the same examples as the first: per attack, examples robust in only one of the two."""
+    first = runs[0]
+    table = []
+    for name, run in zip(names[1:], runs[1:], strict=True):
+        if run.meta.get("data_fingerprint") != first.meta.get("data_fingerprint"):
+            continue
+        for row in compare_runs(first, run)["attacks"]:
+            table.append([row["id"], f"{names[0]} vs {name}", _pct(row["a_robust_accuracy"]),
+                          _pct(row["b_robust_accuracy"]), str(row["only_a_robust"]),
+                          str(row["only_b_robust"])])
+    if not table:
+        return None
+    return Section("Paired comparison on the same examples", [
+        ("table", ["attack", "runs", "RA first", "RA other", "robust only in first",
+                   "robust only in other"], table),
+        ("text", "Counts of examples (same data, same attack id) that one run keeps robust and the "
+                 "other does not. Per-attack numbers of a worst-case-mode run are partial.")])
 
 
 def attack_details(runs, names, rows_by_run) -> Section:
@@ -361,7 +388,8 @@ def build_sections(paths) -> tuple[list[RunResults], list[Section]]:
     names = run_names(runs)
     rows_by_run = [attack_rows(r) for r in runs]
     sections = [overview(runs, names), headline(runs, names),
-                per_attack_table(runs, names, rows_by_run), group_worst_case(runs, names),
+                per_attack_table(runs, names, rows_by_run), paired(runs, names),
+                group_worst_case(runs, names),
                 curves(runs, names), *figures_and_verdicts(runs, names),
                 attack_details(runs, names, rows_by_run), reproduction(runs, names)]
     return runs, [s for s in sections if s is not None]
