@@ -130,7 +130,10 @@ def test_foreign_corrupt_or_other_run_files_are_refused_untouched(tmp_path, trai
             run_suite(trained_model, x, y, suite, path, **run)
         assert _snapshot(path) == before
 
-    db = tmp_path / "run.db"
+    db = tmp_path / "run.db"  # an SQLite file without tables (a run killed while creating it) is reused
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 7")  # a valid, non-empty file with no tables
+    assert db.stat().st_size > 0
     run_suite(trained_model, x, y, suite, db, **run)
     before = _snapshot(db)
     other_suite = parse_suite(TINY.replace('"2/255"', '"4/255"'))

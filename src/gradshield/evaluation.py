@@ -153,7 +153,7 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
     Returns (connection, resumed).
     """
     path = Path(path)
-    if path.exists() and path.stat().st_size > 0:
+    if path.exists() and path.stat().st_size > 0 and not _empty_database(path):
         conn, meta = open_results(path)
         different = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
         if different:
@@ -170,7 +170,9 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
         return conn, True
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = _connect(path)
-    with conn:
+    conn.isolation_level = None  # one explicit transaction: the schema (DDL) included
+    conn.execute("BEGIN")
+    try:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
@@ -181,7 +183,25 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
             "INSERT INTO attacks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(i, s.id, s.attack, s.family, s.norm, s.label, s.kind, s.through, s.budget,
               s.eps_for(image_shape), json.dumps(s.to_dict())) for i, s in enumerate(specs)])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        conn.close()
+        raise
+    conn.isolation_level = ""
     return conn, False
+
+
+def _empty_database(path: Path) -> bool:
+    """An SQLite file with no tables at all (e.g. a run killed while creating it): safe to reuse."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
 
 
 def _short(value) -> str:
@@ -642,6 +662,9 @@ def add_evaluate_suite_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also run the gradient-masking diagnostics and store the verdict")
     group.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
                        help="progress display (default: %(default)s)")
+    group.add_argument("--device", default="cpu",
+                       help="torch device for model and attacks, e.g. cuda (default: %(default)s; "
+                            "resume a run on the device it started on: results are exact per device)")
 
 
 def _file_sha256(path: str | os.PathLike) -> str:
@@ -671,6 +694,11 @@ def run_suite_cli(args: argparse.Namespace) -> int:
         at = args.gcm if args.gcm in ("front", "all") else args.gcm.split(",")
         model = conceal(model, at=at, w=args.gcm_w, eps=args.gcm_eps)
     surrogate = load_model(args.surrogate)[0] if args.surrogate else None
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    model = model.to(device)
+    surrogate = surrogate.to(device) if surrogate is not None else None
     db = args.db or Path("runs/evaluate") / (
         f"{suite.name}-{Path(args.checkpoint).resolve().parent.name}"
         + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
@@ -678,7 +706,7 @@ def run_suite_cli(args: argparse.Namespace) -> int:
     info = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "checkpoint": str(args.checkpoint), "checkpoint_sha256": _file_sha256(args.checkpoint),
             "gcm": {"at": args.gcm, "w": args.gcm_w, "eps": args.gcm_eps} if args.gcm else None,
-            "surrogate": str(args.surrogate) if args.surrogate else None,
+            "surrogate": str(args.surrogate) if args.surrogate else None, "device": str(device),
             "data": {"dataset": args.dataset, "split": "test", "test_limit": args.test_limit,
                      "subset_seed": args.seed}}
     summary = run_suite(model, x, y, suite, db, seed=args.seed, batch_size=args.batch_size,
