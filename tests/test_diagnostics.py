@@ -121,3 +121,42 @@ def test_gradient_health_and_verdict_without_attacks(test_batch, trained_model):
     assert verdict.flagged == ["gradient_disagrees_with_finite_differences"]
     assert "FLAG" in verdict.text() and verdict.to_dict()["masked"]
     assert not diagnose(trained_model, x, y, run_unbounded=False).masked
+
+
+def _records(model, x, y, *, adaptive: bool):
+    """FGSM / PGD-10 at 2 and 8/255, random-sign noise and (for GCM) BPDA, on (x, y)."""
+    from gradshield.attacks import bpda, fgsm, pgd
+    from gradshield.defenses.concealment import GradientConcealment
+
+    gen = torch.Generator().manual_seed(0)
+    records = [AttackRecord.from_result("fgsm", SINGLE_STEP, "linf", 8 / 255,
+                                        fgsm(model, x, y, eps=8 / 255))]
+    for k in (2, 8):
+        eps = k / 255
+        records.append(AttackRecord.from_result(f"pgd{k}", ITERATIVE, "linf", eps,
+                                                pgd(model, x, y, eps=eps, steps=10)))
+        noise = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
+        with torch.no_grad():
+            fooled = model((x + noise).clamp(0, 1)).argmax(1) != y
+        records.append(AttackRecord(f"noise{k}", NOISE, "linf", eps, fooled))
+        if adaptive:
+            adaptive_model = bpda(model, lambda m: isinstance(m, GradientConcealment))
+            records.append(AttackRecord.from_result(f"bpda{k}", BPDA, "linf", eps,
+                                                    pgd(adaptive_model, x, y, eps=eps, steps=10)))
+    return records
+
+
+def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model):
+    x, y = test_batch
+    x, y = x[:64], y[:64]
+    gcm = conceal(trained_model)
+    gen = torch.Generator().manual_seed(0)
+    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, adaptive=True), generator=gen,
+                      unbounded_examples=64)
+    assert {"gradient_free_or_transfer_beats_white_box", "unbounded_attack_fails",
+            "gradient_disagrees_with_finite_differences"} <= set(masked.flagged)
+    assert not any(f.skipped for f in masked.findings)
+    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y, adaptive=False),
+                     generator=gen, unbounded_examples=64)
+    assert not clean.masked, clean.text()
+    assert not any(f.skipped for f in clean.findings if f.name != "single_step_beats_iterative")

@@ -27,17 +27,20 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def sign_image(grad: torch.Tensor) -> torch.Tensor:
-    """Per-channel sign mapped to colours: -1 -> 0, 0 -> 0.5, +1 -> 1 (HWC, for imshow)."""
-    return ((torch.sign(grad) + 1) / 2).permute(1, 2, 0).cpu()
+    """Sign of the channel-summed gradient (H, W): -1 -> 0 (black), 0 -> 0.5, +1 -> 1 (white)."""
+    return ((torch.sign(grad.sum(0)) + 1) / 2).cpu()
 
 
 def plot_gradient_sign(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, *,
                        classes: Sequence[str] | None = None, path: str | os.PathLike | None = None,
                        title: str | None = None, dpi: int = 150):
-    """One row per image: the image, then sign(d loss / d x) of each model (RGB channels).
+    """One row per image: the image, then the sign of d loss / d x (summed over the colour
+    channels; black -1, white +1) for each model, labelled with the share of pixels whose sign
+    agrees with the first model's.
 
-    A smooth model shows the object's structure in its gradient sign; under GCM the sign is the
-    true one times a pseudo-random +-1 per pixel, i.e. noise (the paper's Figure 4).
+    A smooth model shows image structure in its gradient sign; under GCM the sign is the true
+    one times a pseudo-random +-1 per pixel, i.e. noise with ~50 % agreement (the paper's
+    Figure 4).
     """
     import matplotlib
 
@@ -53,8 +56,12 @@ def plot_gradient_sign(models: Mapping[str, nn.Module], x: torch.Tensor, y: torc
         axes[i, 0].imshow(x[i].permute(1, 2, 0).cpu().clamp(0, 1).numpy(),
                           interpolation="nearest")
         axes[i, 0].set_ylabel(label, fontsize=9)
+        reference = torch.sign(next(iter(grads.values()))[i].sum(0))
         for j, (name, grad) in enumerate(grads.items(), start=1):
-            axes[i, j].imshow(sign_image(grad[i]).numpy(), interpolation="nearest")
+            axes[i, j].imshow(sign_image(grad[i]).numpy(), cmap="gray", vmin=0, vmax=1,
+                              interpolation="nearest")
+            agree = float((torch.sign(grad[i].sum(0)) == reference).float().mean())
+            axes[i, j].set_xlabel(f"{100 * agree:.0f} % agree", fontsize=7)
             if i == 0:
                 axes[i, j].set_title(f"sign grad: {name}", fontsize=8)
         if i == 0:
