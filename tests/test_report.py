@@ -38,6 +38,11 @@ eps = "8/255"
 attack = "flow_pgd"
 eps_normalized = 0.01
 label = "0.01"
+[[attack]]
+attack = "stadv"
+eps_normalized = 0.01
+steps = 5
+label = "0.01"
 """
 
 
@@ -87,6 +92,18 @@ def test_report_is_complete_and_self_contained(tmp_path, runs):
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (tmp_path / image).is_file()
     assert result["incomplete"] == []
+
+
+def test_minimum_size_attack_counts_success_within_the_budget(runs):
+    from gradshield.evaluation import load_run
+
+    run = load_run(runs[0])
+    a = next(i for i, att in enumerate(run.attacks) if att["attack"] == "stadv")
+    assert run.attacks[a]["family"] == "flow-linf" and run.attacks[a]["eps"] == pytest.approx(0.155)
+    broken = run.success[a] == 1
+    attacked = run.success[a] >= 0
+    assert attacked.sum() > 0
+    assert (run.size[a][broken] <= 0.155 * (1 + 1e-6)).all()
 
 
 def test_incomplete_run_is_reported_as_such(tmp_path):

@@ -35,6 +35,10 @@ def test_builtin_suites_parse_and_hold_the_papers_tables():
     # the FGR paper's 0.01 in grid_sample units is 0.155 px at 32 px
     assert all(a.eps_for(CIFAR) == pytest.approx(0.155) for a in fgr.attacks)
     assert fgr.attacks[1].hyper["steps"] == 20
+    # stAdv takes no budget: the runner counts its successes within 0.155 px only
+    assert "eps" not in fgr.attacks[2].kwargs_for(CIFAR)
+    assert fgr.attacks[2].threshold_for(CIFAR) == pytest.approx(0.155)
+    assert fgr.attacks[1].threshold_for(CIFAR) is None
     adaptive = load_suite("adaptive")
     assert {a.through for a in adaptive.attacks} == {"model", "bpda", "transfer"}
     assert {a.kind for a in adaptive.attacks} >= {"bpda", "transfer", "gradient-free", "noise"}

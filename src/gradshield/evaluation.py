@@ -32,6 +32,7 @@ import platform
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,13 +134,17 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict:
     return meta
 
 
-def open_results(path: str | os.PathLike) -> tuple[sqlite3.Connection, dict]:
-    """Open an existing results file read-write after checking it is one; returns (conn, meta)."""
+def _uri(path: Path, mode: str) -> str:
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?mode={mode}"
+
+
+def open_results(path: str | os.PathLike, *, readonly: bool = False) -> tuple[sqlite3.Connection, dict]:
+    """Open an existing results file after checking it is one; returns (conn, meta)."""
     path = Path(path)
     if not path.is_file():
         raise GradshieldError(f"results file not found: {path}; run `gradshield evaluate --suite ...`")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=30)
+        conn = sqlite3.connect(_uri(path, "ro" if readonly else "rw"), uri=True, timeout=30)
     except sqlite3.Error as err:
         raise GradshieldError(f"cannot open {path}: {err}") from err
     meta = _read_meta(conn, path)
@@ -195,7 +200,7 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
 def _empty_database(path: Path) -> bool:
     """An SQLite file with no tables at all (e.g. a run killed while creating it): safe to reuse."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(_uri(path, "ro"), uri=True)
         try:
             return conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
         finally:
@@ -426,6 +431,9 @@ def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop
         per_example = (time.perf_counter() - t0) / index.numel()
         success = result.success.detach().cpu().bool()
         size = result.perturbation_size.detach().cpu().double()
+        threshold = spec.threshold_for(image_shape)
+        if threshold is not None:  # a minimum-size attack: fooled within the budget only
+            success &= size <= threshold * (1 + 1e-6)
         queries = result.queries.detach().cpu().long()
         rows = [(a, int(i), int(s), float(z) if math.isfinite(float(z)) else None, int(q), per_example)
                 for i, s, z, q in zip(index.tolist(), success.tolist(), size.tolist(), queries.tolist(),
@@ -536,7 +544,7 @@ class RunResults:
 
 def load_run(path: str | os.PathLike) -> RunResults:
     """Read a results file (complete or not) into memory."""
-    conn, meta = open_results(path)
+    conn, meta = open_results(path, readonly=True)
     try:
         attacks = [dict(zip(("aid", "id", "attack", "family", "norm", "label", "kind", "through",
                              "budget", "eps", "spec"), row, strict=True))

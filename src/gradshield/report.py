@@ -274,7 +274,7 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
                 max_attacks: int = 12, scale: int = 3) -> Figure | None:
     """One mosaic image (drawn once, fast for many attacks): per attack, ``per_attack`` examples as
     clean / adversarial / perturbation; flow fields get arrows on top of their colour coding."""
-    conn, _ = open_results(path)
+    conn, _ = open_results(path, readonly=True)
     try:
         rows = conn.execute(
             "SELECT aid, idx, success, shape, clean, adversarial, pshape, perturbation "
@@ -337,7 +337,7 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
 
 
 def artifacts(path: Path) -> dict[str, bytes]:
-    conn, _ = open_results(path)
+    conn, _ = open_results(path, readonly=True)
     try:
         return dict(conn.execute("SELECT name, data FROM artifacts").fetchall())
     finally:

@@ -64,21 +64,23 @@ class AttackInfo:
     """What the runner needs to know about a registered attack name."""
 
     function: str         # attribute of gradshield.attacks (or of this module for random_noise)
-    space: str            # "additive", "flow" or "minimal" (a minimum-norm attack: eps optional)
+    space: str            # "additive" ([0, 1] pixel scale) or "flow" (pixels)
     kind: str             # default kind for the diagnostics
     norm: str | None = None  # fixed norm (None: from the entry's ``norm``, default "linf")
+    bounded: bool = True  # takes ``eps``; else a minimum-size attack whose success is counted
+    #                       within the entry's budget when it gives one (else at any size)
 
 
 #: Attack names a suite may use.
 ATTACKS: dict[str, AttackInfo] = {
     "fgsm": AttackInfo("fgsm", "additive", "single-step", "linf"),
     "pgd": AttackInfo("pgd", "additive", "iterative"),
-    "cw_l2": AttackInfo("cw_l2", "minimal", "iterative", "l2"),
+    "cw_l2": AttackInfo("cw_l2", "additive", "iterative", "l2", bounded=False),
     "square": AttackInfo("square", "additive", "gradient-free"),
     "random_noise": AttackInfo("random_noise", "additive", "noise"),
     "flow_single_step": AttackInfo("flow_single_step", "flow", "single-step"),
     "flow_pgd": AttackInfo("flow_pgd", "flow", "iterative"),
-    "stadv": AttackInfo("stadv", "flow", "iterative"),
+    "stadv": AttackInfo("stadv", "flow", "iterative", "linf", bounded=False),
     "evolution_strategies": AttackInfo("evolution_strategies", "flow", "gradient-free"),
 }
 
@@ -205,12 +207,20 @@ class AttackSpec:
     def kwargs_for(self, image_shape: tuple[int, int, int]) -> dict:
         """Keyword arguments for the attack function (``eps`` converted, ``norm`` where it takes one)."""
         kwargs = dict(self.hyper)
+        params = inspect.signature(attack_function(self.attack)).parameters
         eps = self.eps_for(image_shape)
-        if eps is not None:
+        if eps is not None and "eps" in params:
             kwargs["eps"] = eps
-        if "norm" in inspect.signature(attack_function(self.attack)).parameters:
+        if "norm" in params:
             kwargs["norm"] = self.norm
         return kwargs
+
+    def threshold_for(self, image_shape: tuple[int, int, int]) -> float | None:
+        """For a minimum-size attack (no ``eps`` argument) given a budget: success counts only
+        where the perturbation size is within it. None otherwise."""
+        if self.budget is None or "eps" in inspect.signature(attack_function(self.attack)).parameters:
+            return None
+        return self.eps_for(image_shape)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,10 +271,10 @@ def _applicable(defaults: dict, attack) -> dict:
     return {k: v for k, v in defaults.items() if k in params or k in RESERVED or k == "norm"}
 
 
-def _default_family(info: AttackInfo, norm: str) -> str:
+def _default_family(info: AttackInfo, norm: str, has_budget: bool) -> str:
     if info.space == "flow":
         return f"flow-{norm}"
-    if info.space == "minimal":
+    if not info.bounded and not has_budget:
         return f"min-{norm}"
     return norm
 
@@ -302,7 +312,7 @@ def parse_attack(entry: dict, defaults: dict, where: str) -> AttackSpec:
         budget = parse_budget(raw, f"{where} ({key})")
         unit = {"eps": "pixels" if info.space == "flow" else "pixel-scale",
                 "eps_imagenet": "imagenet-pixel-scale", "eps_normalized": "normalized"}[key]
-    elif info.space == "minimal":
+    elif not info.bounded:
         raw, budget, unit = None, None, "none"
     else:
         units = ("pixels, or eps_normalized" if info.space == "flow"
@@ -318,7 +328,7 @@ def parse_attack(entry: dict, defaults: dict, where: str) -> AttackSpec:
     if surrogate != "base" and through != "transfer":
         raise GradshieldError(f"{where}: surrogate is only used with through = \"transfer\"")
     label = str(merged.pop("label", raw if raw is not None else "min-norm"))
-    family = str(merged.pop("family", _default_family(info, norm)))
+    family = str(merged.pop("family", _default_family(info, norm, budget is not None)))
     ident = str(merged.pop("id", "-".join(
         [name, norm, label] + ([through] if through != "model" else []))))
     for key in ("steps", "restarts"):
