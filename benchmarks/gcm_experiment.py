@@ -486,6 +486,20 @@ def write_report(exp: Experiment, elapsed: float) -> None:
 
     acc = {e["model"]: float(unbits(e["correct"]).float().mean())
            for e in store.data["entries"].values() if "correct" in e}
+    facts = store.get("gcm|facts")
+    if facts:
+        add("## 0. What GCM does in float32 (measured on these images)\n")
+        add(f"- `GCM(x) - x`: at most {facts['max_abs_change']:.3g}; "
+            f"{100 * facts['share_pixels_changed']:.1f} % of the pixel values change at all "
+            "(eps = 1e-8 is below float32 resolution for values >= 0.25).")
+        add(f"- Gradient factor `1 + eps*w*cos(w*x)`: median magnitude "
+            f"{facts['median_abs_gradient_factor']:.3g}, positive for "
+            f"{100 * facts['share_factor_sign_positive']:.1f} % of pixel values; moving each "
+            f"value up by ONE float32 step flips its sign for "
+            f"{100 * facts['share_sign_flips_one_ulp_up']:.1f} % of them. In float32 `w*x` "
+            "(~1e19) has a spacing of ~1e12 radians, so `sin(w*x)` is a pseudo-random function "
+            "of the bits of x: the autograd gradient is the true gradient times random +-1e12 "
+            "per pixel and says nothing about the function at any distance an attack moves.\n")
     add("## 1. The paper's table: vanilla vs GCM (front), AR %\n")
     same = (exp.clean("vanilla") == exp.clean("gcm-front")).float().mean() \
         if store.get("gcm-front|clean") and store.get("vanilla|clean") else None
@@ -666,6 +680,7 @@ def main(argv=None) -> int:
     vanilla = exp.vanilla
     print(f"{args.examples} examples, model {exp.model_desc}", flush=True)
 
+    gcm_facts(exp)
     # 1. the paper's evaluation, vanilla vs GCM at the front
     exp.run_all(["vanilla", "gcm-front"], paper_suite(args))
     # 2. adaptive attacks on GCM; noise / Square on vanilla for comparison
@@ -703,6 +718,26 @@ def main(argv=None) -> int:
     write_report(exp, time.time() - started)
     print((exp.out / "gcm-cifar10.md").read_text())
     return 0
+
+
+def gcm_facts(exp: Experiment) -> dict:
+    """Measured properties of the layer on the evaluation images (float32)."""
+    key = "gcm|facts"
+    if exp.store.get(key) is None:
+        gcm = GradientConcealment()
+        x = exp.x.clone().requires_grad_(True)
+        out = gcm(x)
+        (factor,) = torch.autograd.grad(out.sum(), x)
+        nudged = torch.nextafter(exp.x, torch.full_like(exp.x, 2.0)).requires_grad_(True)
+        (factor_next,) = torch.autograd.grad(gcm(nudged).sum(), nudged)
+        exp.store.put(key, {
+            "max_abs_change": float((out - exp.x).abs().max()),
+            "share_pixels_changed": float((out != exp.x).float().mean()),
+            "median_abs_gradient_factor": float(factor.abs().median()),
+            "share_factor_sign_positive": float((factor > 0).float().mean()),
+            "share_sign_flips_one_ulp_up": float(((factor > 0) != (factor_next > 0)).float().mean()),
+        })
+    return exp.store.get(key)
 
 
 def record_health(exp: Experiment, name: str) -> None:
