@@ -1,0 +1,109 @@
+"""Gradient-free attacks: Square and evolution strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradshield.attacks import evolution_strategies, square
+from gradshield.attacks.square import _eta, p_selection
+from gradshield.errors import GradshieldError
+from gradshield.perturbations import norm_of
+
+
+def spread(batch, n):
+    images, labels = batch
+    index = torch.arange(n) * (len(labels) // n)
+    return images[index], labels[index]
+
+
+class LinearBinary(nn.Module):
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.w, self.b = w, b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def check_contract(model, x, y, result, norm, eps, max_queries):
+    with torch.no_grad():
+        assert torch.equal(model(result.adversarial).argmax(1) != y, result.success)
+    assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+    assert (norm_of(result.perturbation, norm) <= eps * (1 + 1e-5) + 1e-6).all()
+    assert (result.queries >= 1).all() and result.queries.max() <= max_queries
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 4 / 255), ("l2", 0.3)])
+def test_square_contract(trained_model, test_batch, norm, eps):
+    x, y = spread(test_batch, 48)
+    trained_model.train()
+    result = square(trained_model, x, y, eps=eps, norm=norm, queries=30, p_init=0.3,
+                    generator=torch.Generator().manual_seed(0))
+    assert trained_model.training
+    trained_model.eval()
+    check_contract(trained_model, x, y, result, norm, eps, 1 + 30)
+    clean_wrong = trained_model(x).argmax(1) != y
+    assert result.success_rate > clean_wrong.float().mean()
+    again = square(trained_model, x, y, eps=eps, norm=norm, queries=30, p_init=0.3,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.adversarial, result.adversarial)
+
+
+def test_square_reference_pieces():
+    bump = _eta(7, torch.zeros(1, dtype=torch.float64))
+    assert float(bump.pow(2).sum()) == pytest.approx(1.0)
+    assert (bump[:3] > 0).all() and (bump[3:] < 0).all()
+    schedule = [p_selection(0.8, i, 1000) for i in (0, 1, 2, 10, 100, 999)]
+    assert schedule == [0.8, 0.8, 0.4, 0.2, 0.05, 0.8 / 512]
+
+
+def test_es_matches_the_linear_optimum_in_l2():
+    """On a linear margin the NES estimate is unbiased: projected ES-L2 ends within 5 % of the
+    optimal margin drop eps * ||w||_2."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 3, 4, 4, generator=g)
+    model = LinearBinary(w, 20.0)
+    x = torch.full((4, 3, 4, 4), 0.5)
+    y = torch.ones(4, dtype=torch.long)
+    result = evolution_strategies(model, x, y, space="additive", eps=0.2, norm="l2", samples=50, steps=60,
+                                  generator=g)
+    drop = (model(x) - model(result.adversarial))[:, 1]
+    optimum = 0.2 * float(w.norm())
+    assert not result.success.any()
+    assert (drop >= 0.95 * optimum).all() and (drop <= optimum * (1 + 1e-4)).all(), (drop, optimum)
+
+
+@pytest.mark.parametrize("space,norm,eps", [("flow", "linf", 0.3), ("additive", "linf", 4 / 255)])
+def test_es_contract_and_chunking(trained_model, test_batch, space, norm, eps):
+    x, y = spread(test_batch, 32)
+    trained_model.train()
+    kwargs = {"space": space, "eps": eps, "norm": norm, "samples": 5, "steps": 4}
+    result = evolution_strategies(trained_model, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert trained_model.training
+    trained_model.eval()
+    check_contract(trained_model, x, y, result, norm, eps, 1 + 4 * (2 * 5 + 1) + 1)
+    assert result.success_rate > (trained_model(x).argmax(1) != y).float().mean()
+    # the chunking of candidate batches does not change anything (no loss mixes examples)
+    chunked = evolution_strategies(trained_model, x, y, generator=torch.Generator().manual_seed(0), chunk=7,
+                                   **kwargs)
+    torch.testing.assert_close(chunked.adversarial, result.adversarial, atol=1e-6, rtol=0)
+
+
+def test_blackbox_errors(trained_model, test_batch):
+    x, y = spread(test_batch, 4)
+    for call, match in [
+        (lambda: square(trained_model, x, y, eps=0.1, norm="l1"), "norm"),
+        (lambda: square(trained_model, x, y, eps=-0.1), "eps"),
+        (lambda: square(trained_model, x, y, eps=0.1, queries=0), "queries"),
+        (lambda: square(trained_model, x, y, eps=0.1, p_init=2.0), "p_init"),
+        (lambda: evolution_strategies(trained_model, x, y, eps=0.1, space="color"), "space"),
+        (lambda: evolution_strategies(trained_model, x, y, eps=0.1, samples=0), "samples"),
+        (lambda: evolution_strategies(trained_model, x, y, eps=0.1, sigma=0.0), "sigma"),
+        (lambda: evolution_strategies(trained_model, x, (y + 1) % 10, eps=0.1, targeted=True,
+                                      labels=(y + 1) % 10), "target"),
+    ]:
+        with pytest.raises(GradshieldError, match=match):
+            call()

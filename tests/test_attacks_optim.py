@@ -1,0 +1,105 @@
+"""Optimisation attacks: C&W-L2 and stAdv."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradshield.attacks import FGR_PAPER, cw_l2, flow_smoothness, stadv
+from gradshield.errors import GradshieldError
+from gradshield.warp import warp
+
+
+class LinearBinary(nn.Module):
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.b = b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def spread(batch, n):
+    images, labels = batch
+    index = torch.arange(n) * (len(labels) // n)
+    return images[index], labels[index]
+
+
+def test_cw_finds_the_minimum_l2_perturbation_of_a_linear_model():
+    """The smallest L2 change that flips sign(w.x + b) is (w.x + b) / ||w||_2 (box not binding)."""
+    w = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x = torch.full((3, 3, 6, 6), 0.5)
+    scores = torch.tensor([0.5, 1.0, 2.0])
+    model = LinearBinary(w, 0.0)
+    model.b = scores - float(x[0].flatten() @ w.flatten())  # one margin per example
+    y = torch.ones(3, dtype=torch.long)
+    result = cw_l2(model, x, y, steps=200, binary_search_steps=12, lr=1e-2)
+    optimum = scores / w.norm()
+    assert result.success.all()
+    assert (result.perturbation_size >= optimum * (1 - 1e-3)).all()
+    assert (result.perturbation_size <= 1.05 * optimum).all(), (result.perturbation_size, optimum)
+
+
+def test_cw_contract_on_real_model(trained_model, test_batch):
+    x, y = spread(test_batch, 32)
+    trained_model.train()
+    result = cw_l2(trained_model, x, y, steps=10, binary_search_steps=2)
+    assert trained_model.training
+    trained_model.eval()
+    with torch.no_grad():
+        assert torch.equal(trained_model(result.adversarial).argmax(1) != y, result.success)
+    assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+    torch.testing.assert_close(result.perturbation_size, (result.adversarial - x).flatten(1).norm(dim=1))
+    attacked = result.perturbation_size > 0
+    assert (result.queries[attacked] == 1 + 2 * 10).all()
+    assert result.success_rate > 0.5
+    # more search steps never give a larger distance (the best over rounds is kept)
+    longer = cw_l2(trained_model, x, y, steps=10, binary_search_steps=4)
+    both = result.success & longer.success
+    assert (longer.perturbation_size[both] <= result.perturbation_size[both] + 1e-6).all()
+    with pytest.raises(GradshieldError, match="steps"):
+        cw_l2(trained_model, x, y, steps=0)
+    with pytest.raises(GradshieldError, match="c must"):
+        cw_l2(trained_model, x, y, c=-1.0)
+
+
+def test_flow_smoothness_closed_form():
+    flow = torch.zeros(2, 2, 4, 5, dtype=torch.float64)
+    pairs = 4 * 4 + 3 * 5
+    torch.testing.assert_close(flow_smoothness(flow, eps=1e-8),
+                               torch.full((2,), 2 * pairs * math.sqrt(1e-8), dtype=torch.float64))
+    flow[1, 0, :, 3:] = 1.0  # a vertical edge of height 1 between columns 2 and 3 (4 pairs)
+    flow[1, 1, :, 3:] = 1.0
+    expect = 2 * (4 * math.sqrt(2 + 1e-8) + (pairs - 4) * math.sqrt(1e-8))
+    assert float(flow_smoothness(flow, eps=1e-8)[1]) == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("settings", [{}, FGR_PAPER])
+def test_stadv_contract_on_real_model(trained_model, test_batch, settings):
+    x, y = spread(test_batch, 32)
+    trained_model.train()
+    result = stadv(trained_model, x, y, steps=20, **settings)
+    assert trained_model.training
+    trained_model.eval()
+    with torch.no_grad():
+        assert torch.equal(trained_model(result.adversarial).argmax(1) != y, result.success)
+    torch.testing.assert_close(result.adversarial, warp(x, result.perturbation))
+    torch.testing.assert_close(result.perturbation_size, result.perturbation.abs().flatten(1).amax(1))
+    torch.testing.assert_close(result.info["smoothness"], flow_smoothness(result.perturbation))
+    assert result.success_rate > 0.6
+
+
+def test_stadv_smoothness_weight_trades_success_for_smoothness(trained_model, test_batch):
+    x, y = spread(test_batch, 32)
+    loose = stadv(trained_model, x, y, steps=20, tau=0.0)
+    tight = stadv(trained_model, x, y, steps=20, tau=0.05)
+    both = loose.success & tight.success & (loose.perturbation_size > 0)
+    assert both.sum() >= 3
+    assert tight.info["smoothness"][both].mean() < loose.info["smoothness"][both].mean()
+    with pytest.raises(GradshieldError, match="optimizer"):
+        stadv(trained_model, x, y, optimizer="lbfgs")
