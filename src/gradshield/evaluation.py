@@ -536,8 +536,15 @@ class RunResults:
         """Examples correct before and after attack ``a`` (exact in per-attack mode)."""
         return self.clean_correct & (self.success[a] == 0)
 
+    def robust_or_cumulative(self, a: int) -> np.ndarray:
+        """``robust(a)`` in per-attack mode; robust to attacks 0..a in worst-case mode."""
+        return self.robust(a) if self.meta["mode"] == "per-attack" else self.worst_case(range(a + 1))
+
     def worst_case(self, attacks: Sequence[int] | None = None) -> np.ndarray:
-        """Examples no attack (of ``attacks``, default all) broke, among the clean-correct ones."""
+        """Examples no attack (of ``attacks``, default all) broke, among the clean-correct ones.
+
+        In worst-case mode only all attacks, or the first k, give an exact answer (later attacks
+        skipped the examples earlier ones broke)."""
         rows = self.success if attacks is None else self.success[list(attacks)]
         return self.clean_correct & ~(rows == 1).any(0)
 
@@ -617,7 +624,8 @@ def summarize(path_or_run: str | os.PathLike | RunResults) -> dict:
 
 def compare_runs(a: str | os.PathLike | RunResults, b: str | os.PathLike | RunResults) -> dict:
     """Side by side: per attack id present in both, each run's numbers and, on the same examples,
-    how many examples one run keeps robust and the other does not."""
+    how many examples one run keeps robust and the other does not. A worst-case-mode run
+    contributes its cumulative robustness after that attack (see ``modes``)."""
     ra = a if isinstance(a, RunResults) else load_run(a)
     rb = b if isinstance(b, RunResults) else load_run(b)
     same_data = ra.meta.get("data_fingerprint") == rb.meta.get("data_fingerprint")
@@ -627,13 +635,13 @@ def compare_runs(a: str | os.PathLike | RunResults, b: str | os.PathLike | RunRe
         j = ids_b.get(att["id"])
         if j is None:
             continue
-        row = {"id": att["id"], "a_robust_accuracy": _rate(ra.robust(i)),
-               "b_robust_accuracy": _rate(rb.robust(j))}
+        x, y = ra.robust_or_cumulative(i), rb.robust_or_cumulative(j)
+        row = {"id": att["id"], "a_robust_accuracy": _rate(x), "b_robust_accuracy": _rate(y)}
         if same_data:
-            x, y = ra.robust(i), rb.robust(j)
             row.update(only_a_robust=int((x & ~y).sum()), only_b_robust=int((y & ~x).sum()))
         rows.append(row)
     return {"a": str(ra.path), "b": str(rb.path), "same_examples": same_data,
+            "modes": (ra.meta["mode"], rb.meta["mode"]),
             "clean_accuracy": (_rate(ra.clean_correct), _rate(rb.clean_correct)),
             "worst_case_robust_accuracy": (_rate(ra.worst_case()), _rate(rb.worst_case())),
             "attacks": rows}
@@ -722,7 +730,9 @@ def run_suite_cli(args: argparse.Namespace) -> int:
                         samples_per_attack=args.samples, diagnose=args.diagnose, info=info,
                         progress=args.progress)
     short = {k: v for k, v in summary.items() if k != "attacks"}
-    short["robust_accuracy"] = {r["id"]: r["robust_accuracy"] for r in summary["attacks"]}
+    key = "robust_accuracy" if args.mode == "per-attack" else "cumulative_robust_accuracy"
+    short[key] = {r["id"]: r[key] for r in summary["attacks"]}
+    short = json.loads(json.dumps(short), parse_constant=lambda _: None)  # NaN -> null
     print(json.dumps(short))
     return 0
 

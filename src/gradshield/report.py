@@ -161,6 +161,8 @@ def per_attack_table(runs, names, rows_by_run) -> Section:
 def group_worst_case(runs, names) -> Section | None:
     table = []
     for name, run in zip(names, runs, strict=True):
+        if run.meta["mode"] != "per-attack":  # sub-groups are not exact when attacks skipped examples
+            continue
         groups = defaultdict(list)
         for a, att in enumerate(run.attacks):
             groups[(att["family"], att["label"])].append(a)
@@ -192,7 +194,7 @@ def paired(runs, names) -> Section | None:
         ("table", ["attack", "runs", "RA first", "RA other", "robust only in first",
                    "robust only in other"], table),
         ("text", "Counts of examples (same data, same attack id) that one run keeps robust and the "
-                 "other does not. Per-attack numbers of a worst-case-mode run are partial.")])
+                 "other does not. For a worst-case-mode run: robust to this and all earlier attacks.")])
 
 
 def attack_details(runs, names, rows_by_run) -> Section:
