@@ -223,3 +223,7 @@ def test_adaptive_attacks_through_gcm_and_worst_case_mode(tmp_path, trained_mode
     assert attacked[0] == masked["attacks"][0]["attacked"]
     assert attacked[1] < masked["attacks"][1]["attacked"]
     assert all(np.isnan(r["robust_accuracy"]) for r in worst["attacks"])
+    # compared with a per-attack run, a worst-case run contributes its cumulative robustness
+    last = compare_runs(tmp_path / "gcm.db", tmp_path / "worst.db")["attacks"][-1]
+    assert last["b_robust_accuracy"] == worst["worst_case_robust_accuracy"]
+    assert last["only_b_robust"] == 0
