@@ -181,6 +181,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.suite:
+        from gradshield.evaluation import run_suite_cli
+
+        return run_suite_cli(args)
+    if args.gcm:
+        raise GradshieldError("--gcm needs --suite (e.g. --suite adaptive); clean accuracy "
+                              "is unchanged by GCM by construction and is reported by every suite")
     from gradshield.checkpoint import load_model
     from gradshield.metrics import accuracy
 
@@ -198,21 +205,66 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradshield.report import report_cli
+
+    return report_cli(args)
+
+
+def quickstart_table(vanilla: dict, concealed: dict) -> str:
+    """A Markdown table: robust accuracy per attack, undefended vs GCM, from two suite summaries."""
+    def pct(value) -> str:
+        return "n/a" if value is None or value != value else f"{100 * value:.1f}"
+
+    lines = ["| attack (L-inf 8/255) | undefended | GCM (front) |", "|---|---|---|",
+             f"| clean accuracy | {pct(vanilla['clean_accuracy'])} "
+             f"| {pct(concealed['clean_accuracy'])} |"]
+    gcm_rows = {row["id"]: row for row in concealed["attacks"]}
+    for row in vanilla["attacks"]:
+        other = gcm_rows.get(row["id"], {})
+        lines.append(f"| {row['id']} | {pct(row['robust_accuracy'])} "
+                     f"| {pct(other.get('robust_accuracy'))} |")
+    return "\n".join(lines)
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from gradshield.checkpoint import load_model
-    from gradshield.metrics import accuracy
+    from gradshield.defenses.concealment import conceal
+    from gradshield.evaluation import run_suite
+    from gradshield.report import artifacts, write_report
+    from gradshield.suites import load_suite
 
-    args.out = str(Path(args.out))
-    _, history, _ = _train(args)
-    model, _ = load_model(Path(args.out) / "checkpoint.pt")
+    out = Path(args.out)
+    args.out = str(out / "model")
+    _train(args)
+    model, _ = load_model(out / "model" / "checkpoint.pt")
     _, test = _load_data(args)
     x, y = test.as_float()
-    acc = accuracy(model, x, y)
+    suite = load_suite("quickstart")
+    summaries = {}
+    for name, evaluated in (("undefended", model), ("gcm-front", conceal(model, at="front"))):
+        print(f"\nattacking the {name} model on {len(test)} test images (suite '{suite.name}')")
+        info = {"command": " ".join(["gradshield", *sys.argv[1:]]),
+                "checkpoint": str(out / "model" / "checkpoint.pt"),
+                "gcm": {"at": "front", "w": 1e20, "eps": 1e-8} if name == "gcm-front" else None,
+                "data": {"dataset": args.dataset, "split": "test", "test_limit": args.test_limit,
+                         "subset_seed": args.seed}}
+        summaries[name] = run_suite(evaluated, x, y, suite, out / f"{name}.db", seed=args.seed,
+                                    classes=test.classes, diagnose=True, info=info,
+                                    progress="none" if args.quiet else "bar")
+    report = write_report([out / "undefended.db", out / "gcm-front.db"], out / "report",
+                          title="gradshield quickstart: undefended vs GCM")
     print()
-    print("| model | data | examples | clean accuracy | training time |")
-    print("|---|---|---|---|---|")
-    print(f"| {model.config.arch} (seed {args.seed}) | {args.dataset} test | {len(test)} "
-          f"| {acc:.4f} | {history[-1]['elapsed_s']:.0f} s |")
+    print(f"Robust accuracy (%) of {model.config.arch} (seed {args.seed}) on {len(test)} "
+          f"{args.dataset} test images:")
+    print(quickstart_table(summaries["undefended"], summaries["gcm-front"]))
+    for name in summaries:
+        stored = artifacts(out / f"{name}.db")
+        if "diagnostics" in stored:
+            print(f"\n{name}: " + json.loads(stored["diagnostics"])["text"])
+    print("\nRead the BPDA, transfer and Square rows: where white-box PGD/FGSM says 'robust' and "
+          "they do not, the white-box number is gradient masking, not robustness.")
+    print(f"report: {report['html']}")
     return 0
 
 
@@ -252,18 +304,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p, train=True)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: clean accuracy, or an attack "
+                                        "suite with --suite (resumable, per-example results)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
     p.add_argument("--batch-size", type=int, default=500, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed choosing the --test-limit subset (default: %(default)s)")
     _add_data_options(p, train=False)
+    from gradshield.evaluation import add_evaluate_suite_arguments
+
+    add_evaluate_suite_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("quickstart", help="train the default model briefly, evaluate, print a table")
+    p = sub.add_parser("report", help="Markdown + self-contained HTML report of results files "
+                                      "(several are compared side by side)")
+    from gradshield.report import add_report_arguments
+
+    add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("quickstart", help="train the default model briefly, attack it with and "
+                                          "without GCM, print a table, write a report")
     _add_train_options(p)
     _add_data_options(p, train=True)
-    p.set_defaults(func=cmd_quickstart, epochs=6, out="runs/quickstart")
+    p.set_defaults(func=cmd_quickstart, epochs=6, out="runs/quickstart", test_limit=500)
 
     p = sub.add_parser("defenses", help="list the training recipes and their options")
     p.set_defaults(func=cmd_defenses)
