@@ -34,7 +34,7 @@ import torch
 
 from gradshield.attacks import bpda, fgsm, pgd, transfer_attack
 from gradshield.checkpoint import load_model
-from gradshield.data import load_dataset
+from gradshield.data import load_dataset, sha256_file
 from gradshield.defenses.concealment import ConcealmentWarning, GradientConcealment, conceal
 from gradshield.diagnostics import (
     BPDA,
@@ -292,6 +292,7 @@ class Experiment:
         self.crafted: dict[str, torch.Tensor] = {}  # vanilla's adversarials, for transfer
         self.settings = {
             "checkpoint": str(args.checkpoint), "examples": args.examples, "seed": args.seed,
+            "checkpoint_sha256": sha256_file(Path(args.checkpoint)),
             "data": "CIFAR-10 test set (bundled archive), subset(n, seed)",
             "steps": STEPS, "rel_step": REL_STEP, "quick_steps": QUICK_STEPS,
             "l2_budgets": L2_BUDGETS, "l1_budgets": L1_BUDGETS, "cw_examples": args.cw_examples,
@@ -470,7 +471,8 @@ def write_report(exp: Experiment, elapsed: float) -> None:
         f"of CPU wall time, {torch.get_num_threads()} threads, shared machine).\n")
     add(f"- **Data**: the first {n} images of `subset({n}, seed={args.seed})` of the CIFAR-10 "
         "test set (bundled archive), float32 in [0, 1].")
-    add(f"- **Model**: {exp.model_desc} (\"vanilla\"); GCM models are `conceal(vanilla, at=...)` "
+    add(f"- **Model**: {exp.model_desc} (sha256 {exp.settings['checkpoint_sha256'][:16]}..., "
+        f"\"vanilla\"); GCM models are `conceal(vanilla, at=...)` "
         "with w = 1e20, eps = 1e-8 unless stated.")
     add(f"- **Seed**: {args.seed} (data subset, random noise, Square); PGD has no random start.")
     add(f"- **Attacks**: PGD {STEPS} steps, step = {REL_STEP:g} x eps (main table); "
@@ -731,8 +733,8 @@ def gcm_facts(exp: Experiment) -> dict:
         nudged = torch.nextafter(exp.x, torch.full_like(exp.x, 2.0)).requires_grad_(True)
         (factor_next,) = torch.autograd.grad(gcm(nudged).sum(), nudged)
         exp.store.put(key, {
-            "max_abs_change": float((out - exp.x).abs().max()),
-            "share_pixels_changed": float((out != exp.x).float().mean()),
+            "max_abs_change": float((out.detach() - exp.x).abs().max()),
+            "share_pixels_changed": float((out.detach() != exp.x).float().mean()),
             "median_abs_gradient_factor": float(factor.abs().median()),
             "share_factor_sign_positive": float((factor > 0).float().mean()),
             "share_sign_flips_one_ulp_up": float(((factor > 0) != (factor_next > 0)).float().mean()),

@@ -180,3 +180,25 @@ def test_bpda_sees_every_placement(test_batch, trained_model):
         assert float((masked.sign() == vanilla.sign()).float().mean()) < 0.6  # ~coin flips
         adaptive = bpda(concealed, lambda m: isinstance(m, GradientConcealment))
         assert torch.allclose(input_gradient(adaptive, x, y), vanilla, rtol=1e-4, atol=1e-7), at
+
+
+def test_half_precision_gradients_are_reported_not_hidden():
+    gcm = GradientConcealment()
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(3))
+    bf16 = x.bfloat16().requires_grad_(True)
+    gcm(bf16).sum().backward()
+    assert torch.isfinite(bf16.grad).all() and float(bf16.grad.abs().max()) > 1e11
+    fp16 = x.half().requires_grad_(True)
+    gcm(fp16).sum().backward()
+    assert not torch.isfinite(fp16.grad).any()  # 1e12 does not fit in float16 (max 65504)
+
+
+def test_unconcealed_gives_the_model_back(trained_model):
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    concealed = conceal(trained_model, ["front", "net.block1"], w=1.0, eps=0.1)  # visible GCM
+    plain = concealed.unconcealed()
+    assert not any(m._forward_hooks for m in plain.modules())
+    assert any(m._forward_hooks for m in concealed.model.modules())  # the wrapper keeps its own
+    with torch.no_grad():
+        assert torch.equal(plain(x), trained_model(x))
+        assert not torch.allclose(concealed(x), trained_model(x))

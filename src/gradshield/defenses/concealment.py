@@ -64,9 +64,12 @@ class GradientConcealment(nn.Module):
 
     Half precision cannot hold ``w * x`` (1e20 * x overflows float16 to inf, sin(inf) = NaN), so the
     layer disables autocast, computes in float32 and casts the result back to the input dtype. In
-    float16/bfloat16 the output then equals the input (eps is far below their resolution) and the
-    gradient factor ``1 + eps*w*cos(w*x)`` still passes through in float32 before being cast.
-    No parameters, no buffers.
+    float16/bfloat16 the output then equals the input (eps is far below their resolution), so
+    predictions are finite and unchanged. The backward pass applies the factor
+    ``1 + eps*w*cos(w*x)`` (~1e12) in float32 and casts the gradient back to the input dtype:
+    fine in bfloat16 (max 3e38), but float16 (max 65504) turns it into inf - an input gradient
+    of a float16 input through GCM is non-finite, which
+    :func:`gradshield.diagnostics.gradient_health` reports. No parameters, no buffers.
     """
 
     def __init__(self, w: float = 1e20, eps: float = 1e-8) -> None:
@@ -149,6 +152,16 @@ class ConcealedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.gcm(x) if self.front else x)
+
+    def unconcealed(self) -> nn.Module:
+        """A deep copy of the wrapped model with every GCM hook removed: the model without GCM
+        (e.g. the surrogate of a transfer attack). ``self.model`` itself keeps its hooks."""
+        plain = copy.deepcopy(self.model)
+        for module in plain.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if isinstance(hook, _ApplyGCM):
+                    del module._forward_hooks[key]
+        return plain
 
     def extra_repr(self) -> str:
         shown = ", ".join(self.placements[:6]) + (" ..." if len(self.placements) > 6 else "")
