@@ -326,7 +326,8 @@ def write_report(args, specs: list[dict], command: str) -> dict:
         "loss; gradshield's ES has no c). Numbers are robust accuracy (share of all evaluated "
         "images classified correctly after the attack).",
         f"- Training adversaries (AT, ADT, FGR+ADT): {args.train_attack_steps} steps, generated "
-        "in eval mode and float32 (see `gradshield.defenses.recipes`).",
+        "in eval mode under the loop's bf16 autocast (measured to match float32 attacks; see "
+        "`gradshield.defenses.recipes`).",
         "- FGR lambda in per-example normalised-unit form: lam = paper_lam / 128^2 (the paper "
         "code penalises the gradient of the batch-MEAN loss at batch 128). IGR lambda on the "
         "[0, 1]-scale input gradient, per-example mean.", "",
