@@ -474,9 +474,18 @@ def main(argv=None) -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     args = parser.parse_args(argv)
-    command = " ".join(["python benchmarks/fgr_experiment.py", *(argv or sys.argv[1:])])
+    raw = list(argv or sys.argv[1:])
+    kept, skip = [], False
+    for item in raw:  # the report names the command for the whole table
+        if skip:
+            skip = False
+        elif item in ("--models", "--phase"):
+            skip = True
+        elif item != "--report-only" and not item.startswith(("--models=", "--phase=")):
+            kept.append(item)
+    command = " ".join(["python benchmarks/fgr_experiment.py", *kept])
 
-    specs = model_specs(args.train_attack_steps)
+    specs = all_specs = model_specs(args.train_attack_steps)
     if args.models:
         wanted = args.models.split(",")
         unknown = set(wanted) - {s["key"] for s in specs}
@@ -484,7 +493,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown model keys {sorted(unknown)}")
         specs = [s for s in specs if s["key"] in wanted]
     if args.report_only:
-        write_report(args, specs, command)
+        write_report(args, all_specs, command)
         return
     train_set, test_set = load_dataset("cifar10", args.data)
     train_data = train_set.subset(args.train_size, seed=args.seed)
@@ -502,14 +511,14 @@ def main(argv=None) -> None:
             part, suite = table[0]
             print(f"[{spec['key']}] evaluating {part}", flush=True)
             run_suite(model, x_test, y_test, suite, run_dir / f"eval-{part}.db", **eval_kw)
-            write_report(args, specs, command)
+            write_report(args, all_specs, command)
             print(f"[{spec['key']}] evaluating OB (stAdv)", flush=True)
             run_direct(model, x_test, y_test, "flow-OB-stAdv", stadv_attack(10.0, args.ob_steps),
                        run_dir / "direct-ob.json")
             part, suite = table[1]
             print(f"[{spec['key']}] evaluating {part}", flush=True)
             run_suite(model, x_test, y_test, suite, run_dir / f"eval-{part}.db", **eval_kw)
-            write_report(args, specs, command)
+            write_report(args, all_specs, command)
     if args.phase in ("all", "curves"):
         for spec in specs:
             run_dir = out_dir / spec["key"]
@@ -526,8 +535,8 @@ def main(argv=None) -> None:
                 print(f"[{spec['key']}] evaluating OB c={c}", flush=True)
                 run_direct(model, xs, ys, f"OB-c{c}", stadv_attack(c, args.ob_steps),
                            run_dir / f"direct-sweep-c{c}.json")
-            write_report(args, specs, command)
-    write_report(args, specs, command)
+            write_report(args, all_specs, command)
+    write_report(args, all_specs, command)
 
 
 if __name__ == "__main__":
