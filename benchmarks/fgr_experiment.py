@@ -200,7 +200,10 @@ def collect(args, specs: list[dict]) -> dict:
             row.setdefault("clean_accuracy", summary["clean_accuracy"])
             row.setdefault("eval_examples", summary["examples"])
             row[f"{part}_status"] = f"{summary['status']} ({summary['batches_done']} batches)"
+            correct = round(summary["clean_accuracy"] * summary["examples"])
             for a in summary["attacks"]:
+                if a["attacked"] != correct:  # unfinished: its robust accuracy is not final
+                    continue
                 row.setdefault("attacks", {})[a["id"]] = {
                     "robust_accuracy": a["robust_accuracy"], "ar": a["ar"],
                     "seconds_per_example": a["seconds_per_example"]}
@@ -228,8 +231,40 @@ def _acc(row: dict, attack_id: str) -> float:
     return float("nan") if value is None else value
 
 
-def claims(models: dict) -> list[str]:
-    """The paper's claims, tested on what has been measured (plain words, nothing assumed)."""
+def per_example_robust(run_dir: Path, attack_id: str):
+    """Per-example 'correct after the attack' (numpy bool) of a finished attack, else None."""
+    import numpy as np
+
+    from gradshield.evaluation import load_run
+
+    for db in sorted(run_dir.glob("eval-*.db")):
+        run = load_run(db)
+        for a, attack in enumerate(run.attacks):
+            if attack["id"] == attack_id and (run.success[a] >= 0).sum() == run.clean_correct.sum():
+                return run.robust(a)
+    for direct in sorted(run_dir.glob("direct-*.json")):
+        state = json.loads(direct.read_text())
+        if state["id"] == attack_id:
+            return np.array(state["clean_correct"], bool) & ~np.array(state["success"], bool)
+    return None
+
+
+def paired(out_dir: Path, a_key: str, b_key: str, attack_id: str) -> str:
+    """'+0.031 +- 0.017 (significant)': mean paired difference of a over b on the same images
+    and its 95 % half-width (1.96 x standard error of the per-image differences)."""
+    ra = per_example_robust(out_dir / a_key, attack_id)
+    rb = per_example_robust(out_dir / b_key, attack_id)
+    if ra is None or rb is None or ra.shape != rb.shape:
+        return "n/a"
+    d = ra.astype(float) - rb.astype(float)
+    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
+    word = "significant" if abs(d.mean()) > half else "within noise"
+    return f"{d.mean():+.3f} +- {half:.3f} ({word})"
+
+
+def claims(models: dict, out_dir: Path) -> list[str]:
+    """The paper's claims, tested on what has been measured (plain words, nothing assumed).
+    Differences are paired over the same test images with a 95 % interval."""
     lines = []
     table = ["flow-SS", "flow-MS", "flow-OB-stAdv", "flow-GF-evolution"]
 
@@ -257,10 +292,12 @@ def claims(models: dict) -> list[str]:
             if abs(gap) > CLEAN_TOLERANCE:
                 verdict += (f" (but the clean accuracies differ by more than {CLEAN_TOLERANCE:.2f}, "
                             "so this is not a like-for-like comparison)")
+            diffs = "; ".join(f"{TABLE_ATTACKS[a]} {paired(out_dir, f, i, a)}" for a in table)
             lines.append(f"- FGR above IGR on all four flow attacks at similar clean accuracy "
                          f"({f} vs {i}, clean gap {gap:+.3f}): {verdict} — FGR higher on "
                          f"{wins or 'none'}, not higher on {losses or 'none'}"
-                         f"{f', not measured: {missing}' if missing else ''}.")
+                         f"{f', not measured: {missing}' if missing else ''}. Paired "
+                         f"differences FGR - IGR: {diffs}.")
     else:
         lines.append("- FGR vs IGR: not measured yet (needs at least one FGR and one IGR model).")
     if fgrs and measured("at"):
@@ -270,7 +307,8 @@ def claims(models: dict) -> list[str]:
             if math.isnan(fa) or math.isnan(aa):
                 lines.append(f"- FGR above AT on {TABLE_ATTACKS[a]}: not measured yet.")
             else:
-                lines.append(f"- FGR above AT on {TABLE_ATTACKS[a]} ({f}: {fa:.3f} vs AT {aa:.3f}): "
+                lines.append(f"- FGR above AT on {TABLE_ATTACKS[a]} ({f}: {fa:.3f} vs AT {aa:.3f}, "
+                             f"paired {paired(out_dir, f, 'at', a)}): "
                              f"{'HOLDS' if fa > aa else 'DOES NOT HOLD'}.")
     else:
         lines.append("- FGR vs AT on OB/GF: not measured yet.")
@@ -304,7 +342,7 @@ def write_report(args, specs: list[dict], command: str) -> dict:
                "sweep_examples": args.sweep_size, "flow_budget_normalized": EPS_NORMALIZED,
                "flow_budget_pixels": normalized_to_pixels(EPS_NORMALIZED, 32)}
     payload = {"setting": setting, "command": command, "models": models,
-               "claims": claims(models), "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+               "claims": claims(models, Path(args.out_dir)), "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                   time.gmtime())}
     results.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     figures = plot_figures(models, results)
