@@ -194,7 +194,8 @@ class FGRRecipe:
     ("normalized" grid_sample units by default, as the paper's code; "pixels" otherwise).
     Default ``lam`` = 300 / 128^2 = 0.0183: the paper code's ``--fgr_lamb 300`` (its penalty is on
     the gradient of the batch-mean loss at batch 128). ``sigma``: std of the Gaussian flow
-    random start in ``unit`` (0.01 normalised = 0.155 px at 32 px, the code's default; 0: off).
+    random start in ``unit`` (0.01 normalised = 0.155 px at 32 px, the code's default; 0: off);
+    the warp uses border padding (the paper's code samples zeros outside the image there).
     """
 
     lam: float = PAPER_FGR_LAMBDA
