@@ -224,7 +224,15 @@ class Additive:
         return (x + delta).clamp(0, 1) - x
 
     def apply(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return (x + delta).clamp(0, 1)
+        """``clip(x + delta, 0, 1)``; the gradient w.r.t. ``delta`` is that w.r.t. the image.
+
+        The attacks keep ``x + delta`` inside [0, 1]; the clip only removes the rounding of
+        ``x + (clip(x + d) - x)``. Its gradient passes straight through, so a pixel at 0 or 1
+        keeps its gradient (as when differentiating w.r.t. the adversarial image, the way
+        torchattacks/ART/foolbox do) instead of losing it whenever rounding lands past the bound.
+        """
+        image = x + delta
+        return image + (image.clamp(0, 1) - image).detach()
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
         """Exact Euclidean projection onto the ``norm`` ball of radius ``eps``."""
