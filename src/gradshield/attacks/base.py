@@ -7,7 +7,6 @@ rejected. Losses are per example (shape (N,)), oriented so that the attacker *ma
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -130,11 +129,3 @@ def check_logits(logits: torch.Tensor, n: int) -> None:
             "the model returned NaN/inf logits on the clean inputs; check the model (float16 under "
             "GCM overflows: run it in float32)")
 
-
-def with_grad(fn: Callable[[torch.Tensor], torch.Tensor], variable: torch.Tensor):
-    """Evaluate ``fn(variable)`` (per-example values, shape (N,)) and its gradient w.r.t. ``variable``."""
-    variable = variable.detach().requires_grad_(True)
-    with torch.enable_grad():
-        values = fn(variable)
-        (grad,) = torch.autograd.grad(values.sum(), variable)
-    return values.detach(), grad

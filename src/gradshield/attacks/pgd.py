@@ -155,7 +155,11 @@ def flow_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float |
 
     ``norm="linf"`` bounds each displacement component per pixel; ``"l2"`` the whole field.
     Default step size ``2.5 * eps / steps``. The FGR paper's budgets are in grid_sample units:
-    convert with :func:`gradshield.warp.normalized_to_pixels` (0.01 at 32 px = 0.155 px).
+    convert with :func:`gradshield.warp.normalized_to_pixels` (0.01 at 32 px = 0.155 px). The
+    paper's evaluation code (``attacks/gradient.py``: sign steps of ``eps / iters`` on the
+    cross-entropy, clamp to the L-inf ball, 100 iterations, grid_sample's default zero padding)
+    is ``flow_pgd(eps=normalized_to_pixels(0.01, 32), steps=100, rel_step_size=0.01,
+    padding="zeros")``, except that we stop per example at the first success.
     """
     space = Flow(norm, eps, padding=padding)
     steps = check_positive_int(steps, "steps")
