@@ -169,3 +169,26 @@ def test_nonsense_is_rejected(trained_model, test_batch):
     for call, match in cases:
         with pytest.raises(GradshieldError, match=match):
             call()
+
+
+@pytest.mark.parametrize("norm,dual", [("linf", "l1"), ("l2", "l2")])
+def test_flow_pgd_reaches_the_closed_form_optimum_on_a_ramp(norm, dual):
+    """On a linear ramp image, bilinear warping is exact: warp(x, v) = x + a*v_x + b*v_y away from
+    the border, so a linear score is linear in the flow with gradient g = (a*W_p, b*W_p) per
+    pixel (W_p = sum of the score's weights over channels). The optimal drop is eps * ||g||_dual."""
+    h = w = 8
+    a, b = 0.3 / w, 0.2 / h
+    rows = torch.arange(h, dtype=torch.float32).view(h, 1)
+    cols = torch.arange(w, dtype=torch.float32).view(1, w)
+    x = (0.2 + a * cols + b * rows).expand(2, 3, h, w).contiguous()
+    weights = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    weights[..., 0, :] = weights[..., -1, :] = weights[..., :, 0] = weights[..., :, -1] = 0  # no border
+    model = LinearBinary(weights, 15.0)
+    eps = 0.4 if norm == "linf" else 1.5
+    result = flow_pgd(model, x, torch.ones(2, dtype=torch.long), eps=eps, norm=norm, steps=10, loss="margin")
+    drop = (model(x) - model(result.adversarial))[:, 1].detach()
+    channel_sum = weights.sum(1)  # (1, H, W)
+    gradient = torch.stack([a * channel_sum, b * channel_sum], 1)
+    optimum = eps * float(norm_of(gradient, dual)[0])
+    assert not result.success.any()
+    assert (drop >= 0.95 * optimum).all() and (drop <= optimum * (1 + 1e-4)).all(), (drop, optimum)
