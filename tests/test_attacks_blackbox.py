@@ -107,3 +107,16 @@ def test_blackbox_errors(trained_model, test_batch):
     ]:
         with pytest.raises(GradshieldError, match=match):
             call()
+
+
+def test_targeted_square_and_es_hit_the_target(trained_model, test_batch):
+    x, y = spread(test_batch, 16)
+    target = (y + 3) % 10
+    g = torch.Generator().manual_seed(0)
+    for result in (square(trained_model, x, target, eps=24 / 255, queries=150, targeted=True, labels=y,
+                          generator=g),
+                   evolution_strategies(trained_model, x, target, eps=24 / 255, space="additive", steps=20,
+                                        samples=10, targeted=True, labels=y, generator=g)):
+        with torch.no_grad():
+            hit = trained_model(result.adversarial).argmax(1) == target
+        assert torch.equal(hit, result.success) and result.success.any()

@@ -103,3 +103,13 @@ def test_stadv_smoothness_weight_trades_success_for_smoothness(trained_model, te
     assert tight.info["smoothness"][both].mean() < loose.info["smoothness"][both].mean()
     with pytest.raises(GradshieldError, match="optimizer"):
         stadv(trained_model, x, y, optimizer="lbfgs")
+
+
+def test_targeted_cw_and_stadv_hit_the_target(trained_model, test_batch):
+    x, y = spread(test_batch, 16)
+    target = (y + 3) % 10
+    for result in (cw_l2(trained_model, x, target, targeted=True, labels=y, steps=20, binary_search_steps=3),
+                   stadv(trained_model, x, target, targeted=True, labels=y, steps=30)):
+        with torch.no_grad():
+            hit = trained_model(result.adversarial).argmax(1) == target
+        assert torch.equal(hit, result.success) and result.success.any()
