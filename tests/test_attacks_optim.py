@@ -113,3 +113,14 @@ def test_targeted_cw_and_stadv_hit_the_target(trained_model, test_batch):
         with torch.no_grad():
             hit = trained_model(result.adversarial).argmax(1) == target
         assert torch.equal(hit, result.success) and result.success.any()
+
+
+def test_cw_and_stadv_do_not_depend_on_the_batch(trained_model, test_batch):
+    x, y = spread(test_batch, 8)
+    for attack in (lambda a, b: cw_l2(trained_model, a, b, steps=5, binary_search_steps=2),
+                   lambda a, b: stadv(trained_model, a, b, steps=5)):
+        full = attack(x, y)
+        single = [attack(x[i:i + 1], y[i:i + 1]) for i in range(len(y))]
+        assert torch.equal(full.success, torch.cat([r.success for r in single]))
+        singles = torch.cat([r.adversarial for r in single])
+        torch.testing.assert_close(full.adversarial, singles, atol=1e-5, rtol=0)
