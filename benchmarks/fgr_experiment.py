@@ -386,6 +386,13 @@ def write_report(args, specs: list[dict], command: str) -> dict:
         lines.append(f"| {row['label']} | " + " | ".join(cells)
                      + f" | {row.get('epochs_done', 0)}/{args.epochs} | "
                      f"{row.get('train_seconds', '—')} |")
+    lines += ["", "AR = share of the clean-correct images that stay correct (the attack's own "
+              "effect, independent of clean accuracy):", "",
+              "| model | SS | MS | OB | GF |", "|---|---|---|---|---|"]
+    for spec in specs:
+        row = models[spec["key"]]
+        cells = [fmt(row.get("attacks", {}).get(a, {}).get("ar")) for a in TABLE_ATTACKS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims, tested", ""] + payload["claims"]
     lines += ["", "## Figures", ""]
     lines += [f"![{name}]({Path(path).name})" for name, path in figures.items()] or ["(none yet)"]
