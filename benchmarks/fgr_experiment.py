@@ -458,6 +458,8 @@ def plot_figures(models: dict, results: Path) -> dict:
             axes[0].plot([e for _, e in v], [a for a, _ in v], marker="o", label=k)
         axes[0].set(xscale="log", xlabel="flow budget (grid_sample units; x15.5 = px)",
                     ylabel="robust accuracy (MS)", title="Multi-step flow attack vs budget")
+        axes[0].set_xticks(SWEEP_EPS, [f"{e:g}" for e in SWEEP_EPS])
+        axes[0].minorticks_off()
         for k, v in sweep_c.items():
             axes[1].plot([c for _, c in v], [a for a, _ in v], marker="o", label=k)
         axes[1].set(xscale="log", xlabel="c", ylabel="robust accuracy (OB, stAdv)",
