@@ -357,8 +357,9 @@ def write_report(args, specs: list[dict], command: str) -> dict:
         f"{args.train_size}-image subset of the CIFAR-10 training set (seed {args.seed}), batch "
         f"{args.batch_size}, SGD-Nesterov peak lr {args.lr}, bf16 autocast = `{args.amp}`, "
         "standard crop+flip augmentation (the one training loop).",
-        f"- Evaluation on the first {args.test_size} images of a fixed seeded subset of the "
-        "CIFAR-10 test set, float32, eval mode, one seed. Flow budget 0.01 in grid_sample "
+        f"- Evaluation on a fixed seeded random subset of {args.test_size} CIFAR-10 test images "
+        f"(budget / c sweeps: its first {args.sweep_size}; loss curves: its first "
+        f"{min(200, args.sweep_size)}), float32, eval mode, one seed. Flow budget 0.01 in grid_sample "
         "units (align_corners=True) = 0.155 px per component (L-inf), border padding.",
         f"- Attacks: SS = one flow sign step of 0.155 px; MS = {args.ms_steps}-step flow PGD "
         f"(step 2.5 eps / steps); OB = stAdv, SGD, c = 10, {args.ob_steps} steps (unbounded: "
@@ -394,7 +395,7 @@ def write_report(args, specs: list[dict], command: str) -> dict:
         cells = [fmt(row.get("attacks", {}).get(a, {}).get("ar")) for a in TABLE_ATTACKS]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims, tested", ""] + payload["claims"]
-    lines += ["", "## Figures", ""]
+    lines += ["", "## Figures", "", "Produced by the command above (phase 2, after the table).", ""]
     lines += [f"![{name}]({Path(path).name})" for name, path in figures.items()] or ["(none yet)"]
     lines += ["", "## Status", ""]
     for spec in specs:
