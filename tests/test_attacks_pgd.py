@@ -171,24 +171,41 @@ def test_nonsense_is_rejected(trained_model, test_batch):
             call()
 
 
-@pytest.mark.parametrize("norm,dual", [("linf", "l1"), ("l2", "l2")])
-def test_flow_pgd_reaches_the_closed_form_optimum_on_a_ramp(norm, dual):
-    """On a linear ramp image, bilinear warping is exact: warp(x, v) = x + a*v_x + b*v_y away from
-    the border, so a linear score is linear in the flow with gradient g = (a*W_p, b*W_p) per
-    pixel (W_p = sum of the score's weights over channels). The optimal drop is eps * ||g||_dual."""
-    h = w = 8
-    a, b = 0.3 / w, 0.2 / h
-    rows = torch.arange(h, dtype=torch.float32).view(h, 1)
-    cols = torch.arange(w, dtype=torch.float32).view(1, w)
-    x = (0.2 + a * cols + b * rows).expand(2, 3, h, w).contiguous()
-    weights = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    weights[..., 0, :] = weights[..., -1, :] = weights[..., :, 0] = weights[..., :, -1] = 0  # no border
-    model = LinearBinary(weights, 15.0)
-    eps = 0.4 if norm == "linf" else 1.5
-    result = flow_pgd(model, x, torch.ones(2, dtype=torch.long), eps=eps, norm=norm, steps=10, loss="margin")
-    drop = (model(x) - model(result.adversarial))[:, 1].detach()
+def ramp_problem(n: int = 2, size: int = 8):
+    """A linear ramp image and a linear binary model without border weights. Bilinear warping of
+    a ramp is exact: warp(x, v) = x + a*v_x + b*v_y away from the border, so the margin is linear
+    in the flow with gradient g = (a*W_p, b*W_p) per pixel (W_p = the score's weights summed over
+    channels). Returns (model, x, y, g); the optimal drop in a ball of radius eps is
+    eps * ||g||_dual."""
+    a, b = 0.3 / size, 0.2 / size
+    rows = torch.arange(size, dtype=torch.float32).view(size, 1)
+    cols = torch.arange(size, dtype=torch.float32).view(1, size)
+    x = (0.2 + a * cols + b * rows).expand(n, 3, size, size).contiguous()
+    weights = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    weights[..., 0, :] = weights[..., -1, :] = weights[..., :, 0] = weights[..., :, -1] = 0
     channel_sum = weights.sum(1)  # (1, H, W)
     gradient = torch.stack([a * channel_sum, b * channel_sum], 1)
-    optimum = eps * float(norm_of(gradient, dual)[0])
+    return LinearBinary(weights, 15.0), x, torch.ones(n, dtype=torch.long), gradient
+
+
+def assert_near_optimum(model, x, result, optimum, fraction=0.95):
+    drop = (model(x) - model(result.adversarial))[:, 1].detach()
     assert not result.success.any()
-    assert (drop >= 0.95 * optimum).all() and (drop <= optimum * (1 + 1e-4)).all(), (drop, optimum)
+    assert (drop >= fraction * optimum).all() and (drop <= optimum * (1 + 1e-4)).all(), (drop, optimum)
+
+
+@pytest.mark.parametrize("norm,dual", [("linf", "l1"), ("l2", "l2")])
+def test_flow_pgd_reaches_the_closed_form_optimum_on_a_ramp(norm, dual):
+    model, x, y, gradient = ramp_problem()
+    eps = 0.4 if norm == "linf" else 1.5
+    result = flow_pgd(model, x, y, eps=eps, norm=norm, steps=10, loss="margin")
+    assert_near_optimum(model, x, result, eps * float(norm_of(gradient, dual)[0]))
+
+
+@pytest.mark.parametrize("norm,dual", [("linf", "l1"), ("l2", "l2")])
+def test_flow_single_step_is_optimal_on_a_ramp(norm, dual):
+    """One steepest step of size eps is THE optimum of a linear objective (both norms)."""
+    model, x, y, gradient = ramp_problem()
+    eps = 0.4 if norm == "linf" else 1.5
+    result = flow_single_step(model, x, y, eps=eps, norm=norm, loss="margin")
+    assert_near_optimum(model, x, result, eps * float(norm_of(gradient, dual)[0]), fraction=0.9999)

@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint: clean accuracy, or an attack "
                                         "suite with --suite (resumable, per-example results)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
-    p.add_argument("--batch-size", type=int, default=500, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=500,
+                   help="images per forward/attack batch; results do not depend on it "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed choosing the --test-limit subset (default: %(default)s)")
     _add_data_options(p, train=False)

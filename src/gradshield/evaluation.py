@@ -656,12 +656,17 @@ def add_evaluate_suite_arguments(parser: argparse.ArgumentParser) -> None:
     ``--cache-dir``, ``--download``, ``--test-limit``)."""
     group = parser.add_argument_group("attack suite")
     group.add_argument("--suite", default=None,
-                       help="built-in suite (gcm-paper, fgr-paper, adaptive) or a suite .toml file")
+                       help="built-in suite (gcm-paper, fgr-paper, adaptive, quickstart) or a suite .toml "
+                            "file; its budgets are on the [0, 1] pixel scale for intensity "
+                            "attacks (e.g. eps = \"8/255\") and in pixels for flow attacks")
     group.add_argument("--gcm", default=None, metavar="AT",
                        help="evaluate the checkpoint with GCM inserted: 'front', 'all' or "
                             "comma-separated module names (default: no GCM)")
-    group.add_argument("--gcm-w", type=float, default=1e20, help="GCM frequency (default: %(default)g)")
-    group.add_argument("--gcm-eps", type=float, default=1e-8, help="GCM amplitude (default: %(default)g)")
+    group.add_argument("--gcm-w", type=float, default=1e20,
+                       help="GCM frequency w in x + eps*sin(w*x), radians per unit of [0, 1] "
+                            "pixel value (default: %(default)g)")
+    group.add_argument("--gcm-eps", type=float, default=1e-8,
+                       help="GCM amplitude eps, [0, 1] pixel scale (default: %(default)g)")
     group.add_argument("--db", default=None,
                        help="results file (SQLite); rerun the same command to resume it "
                             "(default: runs/evaluate/<suite>-<checkpoint folder>[-gcm-<AT>].db)")
