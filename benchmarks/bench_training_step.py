@@ -1,6 +1,7 @@
 """Cost of one training step per defense recipe, as a ratio to a standard step.
 
-One run times Standard, IGR, FGR, AT(k), ADT(k) and FGR+ADT(k) on the compact model, batch 256 of
+One run times Standard, IGR and FGR (exact double backprop, and the finite-difference
+method: igr-fd, fgr-fd), AT(k), ADT(k) and FGR+ADT(k) on the compact model, batch 256 of
 real CIFAR-10 images, with bf16 autocast exactly as the training loop uses it and in float32.
 Repeats are interleaved (round-robin over recipes) and summarised by medians (and minima, the
 least disturbed by other processes on a shared machine), so a load change hits every recipe
@@ -30,6 +31,8 @@ def recipes(k: int) -> dict:
         "standard": make_recipe("standard"),
         "igr": make_recipe("igr"),
         "fgr": make_recipe("fgr"),
+        "igr-fd": make_recipe("igr", method="finite_difference"),
+        "fgr-fd": make_recipe("fgr", method="finite_difference"),
         f"at({k})": make_recipe("at", steps=k),
         f"adt({k})": make_recipe("adt", steps=k),
         f"fgr_adt({k})": make_recipe("fgr_adt", steps=k),

@@ -76,13 +76,27 @@ def warp(images: torch.Tensor, flow: torch.Tensor, *, padding: str = "border") -
     return top * (1 - wy) + bottom * wy
 
 
+def forward_differences(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``I(p + e_x) - I(p)`` and ``I(p + e_y) - I(p)`` per pixel (0 past the last column/row,
+    border padding), each shaped like ``images``: the warp's derivative at the identity."""
+    dx = torch.zeros_like(images)
+    dy = torch.zeros_like(images)
+    dx[..., :, :-1] = images[..., :, 1:] - images[..., :, :-1]
+    dy[..., :-1, :] = images[..., 1:, :] - images[..., :-1, :]
+    return dx, dy
+
+
 def flow_gradient_closed_form(images: torch.Tensor, input_grad: torch.Tensor) -> torch.Tensor:
     """dL/dv at v = 0 from dL/dx: per pixel, sum over channels of input gradient x forward difference.
 
     With border padding, the forward difference past the last row/column is 0. Returns (N, 2, H, W).
     """
-    dx = torch.zeros_like(images)
-    dy = torch.zeros_like(images)
-    dx[..., :, :-1] = images[..., :, 1:] - images[..., :, :-1]
-    dy[..., :-1, :] = images[..., 1:, :] - images[..., :-1, :]
+    dx, dy = forward_differences(images)
     return torch.stack([(input_grad * dx).sum(1), (input_grad * dy).sum(1)], dim=1)
+
+
+def flow_gradient_adjoint(images: torch.Tensor, flow_grad: torch.Tensor) -> torch.Tensor:
+    """The adjoint of :func:`flow_gradient_closed_form` in its input-gradient argument: maps a flow
+    field (N, 2, H, W) to the input-space field (N, C, H, W) ``v_x * dI/dx + v_y * dI/dy``."""
+    dx, dy = forward_differences(images)
+    return flow_grad[:, :1] * dx + flow_grad[:, 1:] * dy

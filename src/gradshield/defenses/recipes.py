@@ -46,7 +46,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradshield.defenses.regularizers import (
+    DEFAULT_FD_STEP,
     FLOW_UNITS,
+    PENALTY_METHODS,
     fgr_penalty,
     flow_random_start,
     igr_penalty,
@@ -76,6 +78,14 @@ def _check_nonnegative(**values: float) -> None:
         if not (isinstance(value, (int, float)) and value >= 0 and value == value
                 and value != float("inf")):
             raise GradshieldError(f"{key} must be a finite number >= 0, got {value!r}")
+
+
+def _check_penalty_method(method: str, fd_step: float) -> None:
+    if method not in PENALTY_METHODS:
+        raise GradshieldError(f"method must be one of {PENALTY_METHODS}, got {method!r}")
+    _check_nonnegative(fd_step=fd_step)
+    if fd_step == 0:
+        raise GradshieldError("fd_step must be > 0")
 
 
 def _check_attack_settings(steps: int, attack_mode: str) -> None:
@@ -171,16 +181,22 @@ class IGRRecipe:
 
     The gradient is w.r.t. the [0, 1]-scale input image (before the model's normalisation),
     summed over C, H, W, averaged over the batch (``lam`` does not depend on the batch size).
+    ``method``: "exact" (double backpropagation) or "finite_difference" (the penalty's parameter
+    gradient from one extra forward/backward pass along the penalised direction, RMS step
+    ``fd_step`` per example, [0, 1] pixel scale; see :mod:`gradshield.defenses.regularizers`).
     """
 
     lam: float = 1.0
+    method: str = "exact"
+    fd_step: float = DEFAULT_FD_STEP
     name: str = "igr"
 
     def __post_init__(self) -> None:
         _check_nonnegative(lam=self.lam)
+        _check_penalty_method(self.method, self.fd_step)
 
     def __call__(self, model, x, y, generator):
-        return igr_penalty(model, x, y).total(self.lam)
+        return igr_penalty(model, x, y, method=self.method, fd_step=self.fd_step).total(self.lam)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -196,21 +212,28 @@ class FGRRecipe:
     the gradient of the batch-mean loss at batch 128). ``sigma``: std of the Gaussian flow
     random start in ``unit`` (0.01 normalised = 0.155 px at 32 px, the code's default; 0: off);
     the warp uses border padding (the paper's code samples zeros outside the image there).
+    ``method``: "exact" (double backpropagation, as the paper's code) or "finite_difference" (one
+    extra forward/backward pass, RMS input step ``fd_step`` per example on the [0, 1] scale; see
+    :mod:`gradshield.defenses.regularizers`).
     """
 
     lam: float = PAPER_FGR_LAMBDA
     unit: str = "normalized"
     sigma: float = 0.01
+    method: str = "exact"
+    fd_step: float = DEFAULT_FD_STEP
     name: str = "fgr"
 
     def __post_init__(self) -> None:
         _check_nonnegative(lam=self.lam, sigma=self.sigma)
+        _check_penalty_method(self.method, self.fd_step)
         if self.unit not in FLOW_UNITS:
             raise GradshieldError(f"unit must be one of {FLOW_UNITS}, got {self.unit!r}")
 
     def __call__(self, model, x, y, generator):
         x = flow_random_start(x, self.sigma, generator, unit=self.unit)
-        return fgr_penalty(model, x, y, unit=self.unit).total(self.lam)
+        return fgr_penalty(model, x, y, unit=self.unit, method=self.method,
+                           fd_step=self.fd_step).total(self.lam)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -259,18 +282,23 @@ class ADTRecipe:
 @dataclass(frozen=True)
 class FGRADTRecipe(ADTRecipe):
     """FGR + ADT: ``CE(x_adv) + lam * FGR penalty at x_adv`` with the flow adversarials of
-    :class:`ADTRecipe` (same budget options; ``lam`` as :class:`FGRRecipe`, in ``unit``)."""
+    :class:`ADTRecipe` (same budget options; ``lam``, ``method``, ``fd_step`` as
+    :class:`FGRRecipe`, in ``unit``)."""
 
     lam: float = PAPER_FGR_LAMBDA
+    method: str = "exact"
+    fd_step: float = DEFAULT_FD_STEP
     name: str = "fgr_adt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_nonnegative(lam=self.lam)
+        _check_penalty_method(self.method, self.fd_step)
 
     def __call__(self, model, x, y, generator):
         x_adv = self.adversarial(model, x, y, generator)
-        return fgr_penalty(model, x_adv, y, unit=self.unit).total(self.lam)
+        return fgr_penalty(model, x_adv, y, unit=self.unit, method=self.method,
+                           fd_step=self.fd_step).total(self.lam)
 
 
 RECIPES: dict[str, Callable[..., Recipe]] = {
