@@ -7,6 +7,7 @@ rejected. Losses are per example (shape (N,)), oriented so that the attacker *ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,20 @@ def is_adversarial(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> tor
 
 
 # --------------------------------------------------------------------------- input checks
+
+
+def channels_last_forward(model: Callable[[torch.Tensor], torch.Tensor]
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` as a function that feeds it channels-last images on the CPU, where oneDNN's
+    convolutions and pooling are fastest (measured 1.4-1.6x faster forward + backward on the
+    compact net). Values equal ``model(images)`` up to float rounding; nothing about the model
+    or the caller's tensors changes. Other devices and non-image inputs pass through."""
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        if images.dim() == 4 and images.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return model(images)
+
+    return forward
 
 
 def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, targeted: bool = False,

@@ -11,7 +11,9 @@ Semantics (all of them):
 - an example never fooled returns the final iterate of the restart with the highest final loss
   (for one restart: exactly the usual last PGD iterate);
 - ``queries`` counts the model evaluations per example: 1 clean + 1 per gradient step + 1 final
-  evaluation per restart it took part in.
+  evaluation per restart it took part in; without a random start the first gradient step is taken
+  at the clean image (zero perturbation, applied exactly), so the clean evaluation IS that step's
+  forward pass and is not repeated (one evaluation fewer).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gradshield.attacks.base import (
     LOSSES,
     AttackResult,
     attack_loss,
+    channels_last_forward,
     check_attack_inputs,
     check_logits,
     check_positive_int,
@@ -37,6 +40,7 @@ def _loss_and_grad(model, space, x, y, delta, *, targeted, loss, kappa):
     delta = delta.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = model(space.apply(x, delta))
+        check_logits(logits, x.shape[0])
         values = attack_loss(logits, y, targeted=targeted, kind=loss, kappa=kappa)
         (grad,) = torch.autograd.grad(values.sum(), delta)
     return values.detach(), grad, logits.detach()
@@ -68,9 +72,16 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
     n = x.shape[0]
     x = x.detach()
     per_example(space.eps, x), per_example(step_size, x)  # per-example budgets must have N entries
+    forward = channels_last_forward(model)
     with eval_mode(model), torch.no_grad():
-        logits = model(x)
-        check_logits(logits, n)
+        first_step = None  # (loss, grad, logits) of the first step when it is taken at x itself
+        if random_start:
+            logits = forward(x)
+            check_logits(logits, n)
+        else:
+            first_step = _loss_and_grad(forward, space, x, y, space.init(x), targeted=targeted,
+                                        loss=loss, kappa=kappa)
+            logits = first_step[2]
         success = is_adversarial(logits, y, targeted)
         queries = torch.ones(n, dtype=torch.long, device=x.device)
         best = space.init(x)
@@ -82,13 +93,16 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
             xa, ya, sub, sa = x[active], y[active], space.select(active), _take(step_size, active)
             delta = sub.init(xa, random=random_start, generator=generator)
             for t in range(steps + 1):
-                if t < steps:
-                    values, grad, logits = _loss_and_grad(model, sub, xa, ya, delta, targeted=targeted,
-                                                          loss=loss, kappa=kappa)
+                if t == 0 and first_step is not None:  # the clean pass, already evaluated
+                    values, grad, logits = (part[active] for part in first_step)
+                elif t < steps:
+                    values, grad, logits = _loss_and_grad(forward, sub, xa, ya, delta,
+                                                          targeted=targeted, loss=loss, kappa=kappa)
                 else:
-                    logits = model(sub.apply(xa, delta))
+                    logits = forward(sub.apply(xa, delta))
                     values = attack_loss(logits, ya, targeted=targeted, kind=loss, kappa=kappa)
-                queries[active] += 1
+                if not (t == 0 and first_step is not None):
+                    queries[active] += 1
                 fooled = is_adversarial(logits, ya, targeted)
                 # success freezes an example; otherwise keep the final iterate of the best restart
                 record = fooled | (values > best_loss[active]) if t == steps else fooled

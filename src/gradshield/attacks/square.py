@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from gradshield.attacks.base import (
     AttackResult,
+    channels_last_forward,
     check_attack_inputs,
     check_logits,
     check_positive,
@@ -113,10 +114,11 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | t
         raise GradshieldError(f"unknown loss {loss!r}; choose 'margin' or 'ce'")
     n, c, h, w = x.shape
     x = x.detach()
+    forward = channels_last_forward(model)  # faster on the CPU; same values
     per_example(eps, x)
 
     def evaluate(images, classes):
-        out = model(images)
+        out = forward(images)
         gap = margin(out, classes)
         gap = -gap if targeted else gap  # > 0 while not fooled
         value = gap if loss == "margin" else (
@@ -125,7 +127,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | t
         return value, is_adversarial(out, classes, targeted)
 
     with eval_mode(model), torch.no_grad():
-        logits = model(x)
+        logits = forward(x)
         check_logits(logits, n)
         success = is_adversarial(logits, y, targeted)
         count = torch.ones(n, dtype=torch.long, device=x.device)

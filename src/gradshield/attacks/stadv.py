@@ -24,6 +24,7 @@ from torch import nn
 
 from gradshield.attacks.base import (
     AttackResult,
+    channels_last_forward,
     check_attack_inputs,
     check_logits,
     check_positive,
@@ -71,8 +72,9 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tau: float = 0.
     lr = check_positive(lr, "lr") if lr is not None else (0.01 if optimizer == "adam" else 0.05)
     n, _, h, w = x.shape
     x = x.detach()
+    forward = channels_last_forward(model)  # faster on the CPU; same values
     with eval_mode(model), torch.no_grad():
-        logits = model(x)
+        logits = forward(x)
         check_logits(logits, n)
         success = is_adversarial(logits, y, targeted)
         queries = torch.ones(n, dtype=torch.long, device=x.device)
@@ -85,7 +87,7 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tau: float = 0.
             solver = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)([flow], lr=lr)
             for _ in range(steps):
                 with torch.enable_grad():
-                    out = model(warp(xa, flow, padding=padding))
+                    out = forward(warp(xa, flow, padding=padding))
                     gap = margin(out, ya)
                     gap = -gap if targeted else gap
                     smooth = flow_smoothness(flow)
