@@ -23,50 +23,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from pathlib import Path
 
 import torch
 
+from _common import batch, ideal, load, time_interleaved
 from gradshield.attacks import pgd
-from gradshield.errors import GradshieldError
-from gradshield.paths import cache_dir
-
-
-def load(checkpoint: str | None):
-    from gradshield.checkpoint import load_model
-    from gradshield.models import create_model
-
-    if checkpoint is None:
-        found = sorted((cache_dir() / "test-fixtures").glob("compact-*/checkpoint.pt"),
-                       key=lambda p: p.stat().st_mtime)
-        checkpoint = str(found[-1]) if found else None
-    if checkpoint is None:
-        torch.manual_seed(0)
-        return create_model("compact").eval(), "compact (random init)"
-    model, _ = load_model(Path(checkpoint))
-    return model.eval(), f"compact ({checkpoint})"
-
-
-def batch(n: int):
-    from gradshield.data import load_dataset
-    from gradshield.paths import data_dir
-
-    for root in (data_dir(), Path(__file__).resolve().parents[2] / "shared" / "datasets"):
-        try:
-            _, test = load_dataset("cifar10", root)
-            return (*test.subset(n, seed=0).as_float(), "CIFAR-10 test images")
-        except (GradshieldError, OSError):  # no data set there: try the next place
-            continue
-    g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random images"
-
-
-def ideal(model, x, y, steps=10):
-    for _ in range(steps):
-        image = x.detach().requires_grad_(True)
-        loss = torch.nn.functional.cross_entropy(model(image), y)
-        torch.autograd.grad(loss, image)
 
 
 def main() -> None:
@@ -95,14 +56,8 @@ def main() -> None:
         runs = {"ideal": lambda y=y: ideal(model, x, y),
                 "ta": lambda attack=attack, y=y: attack(x, y),
                 "gs": lambda eps=eps, y=y: pgd(model, x, y, eps=eps, steps=10)}
-        times = {key: [] for key in runs}
         ideal(model, x, y, steps=2)  # warm-up
-        outputs = {}
-        for _ in range(args.repeats):
-            for key, run in runs.items():
-                start = time.perf_counter()
-                outputs[key] = run()
-                times[key].append(time.perf_counter() - start)
+        times, outputs = time_interleaved(runs, args.repeats)
         med = {key: statistics.median(values) for key, values in times.items()}
         with torch.no_grad():
             fooled_ta = float((model(outputs["ta"]).argmax(1) != y).float().mean())

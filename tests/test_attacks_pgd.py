@@ -146,6 +146,15 @@ def test_models_without_parameters():
     result = pgd(nn.Flatten(), pixels, labels, eps=0.1, steps=10, loss="margin")
     decided = ((top2[:, 0] - top2[:, 1]) - 0.2).abs() > 1e-4
     assert torch.equal(result.success[decided], (top2[:, 0] - top2[:, 1] < 0.2)[decided])
+    # a bare GCM layer in front (no parameters either): attacked through BPDA it is the same problem
+    from gradshield.attacks import bpda
+    from gradshield.defenses.concealment import GradientConcealment
+
+    concealed = nn.Sequential(GradientConcealment(), nn.Flatten())
+    assert not list(concealed.parameters())
+    through = pgd(bpda(concealed, lambda m: isinstance(m, GradientConcealment)), pixels, labels,
+                  eps=0.1, steps=10, loss="margin")
+    assert torch.equal(through.success[decided], result.success[decided])
 
 
 def test_nonsense_is_rejected(trained_model, test_batch):

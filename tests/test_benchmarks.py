@@ -1,0 +1,29 @@
+"""The performance harness runs end to end on two cheap items (tiny batches, one repeat)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_quick_writes_json_and_markdown(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--models", "compact",
+               "--only", "gcm,square", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((tmp_path / "performance.json").read_text())
+    assert set(state["sections"]) == {"compact/gcm", "compact/square"}
+    for section in state["sections"].values():
+        assert section["rows"]
+        for row in section["rows"]:
+            for times in row["times"].values():
+                assert math.isfinite(times["median_s"]) and times["median_s"] > 0
+            for check in row["checks"]:
+                assert math.isfinite(check["value"]) and check["value"] > 0
+    markdown = (tmp_path / "performance.md").read_text()
+    assert "## Notes on misses" in markdown and "compact/square" in markdown
