@@ -1,7 +1,12 @@
 """GCM on CIFAR-10: the paper's evaluation, placements, eps/w ablations, adaptive attacks and
 gradient-masking diagnostics, vanilla vs GCM side by side.
 
-One command (resumable: every attack's per-example outcome is saved as it finishes in
+The vanilla model is the default CPU recipe (results/training-cifar10.md records its curve)::
+
+    gradshield train --model compact --seed 0 --data-dir ../shared/datasets \
+        --out ~/.cache/gradshield/runs/default
+
+then one command (resumable: every attack's per-example outcome is saved as it finishes in
 ``OUT/gcm-cifar10.json``; a rerun with the same settings skips what is done)::
 
     python benchmarks/gcm_experiment.py --checkpoint ~/.cache/gradshield/runs/default/checkpoint.pt \
@@ -289,6 +294,7 @@ class Experiment:
         self.vanilla, blob = load_model(args.checkpoint)
         self.model_desc = (f"{blob['model_config']['arch']} width {blob['model_config']['width']}"
                            f" from {args.checkpoint}")
+        self.train_command = blob.get("command")
         self.models: dict[str, torch.nn.Module] = {"vanilla": self.vanilla}
         self.crafted: dict[str, torch.Tensor] = {}  # vanilla's adversarials, for transfer
         self.settings = {
@@ -482,6 +488,9 @@ def write_report(exp: Experiment, elapsed: float) -> None:
     add(f"- **Model**: {exp.model_desc} (sha256 {exp.settings['checkpoint_sha256'][:16]}..., "
         f"\"vanilla\"); GCM models are `conceal(vanilla, at=...)` "
         "with w = 1e20, eps = 1e-8 unless stated.")
+    if exp.train_command:
+        add(f"- **Vanilla model trained by** `{exp.train_command}` (recorded in the checkpoint; "
+            "its accuracy curve: `results/training-cifar10.md`).")
     if store.get("at|clean"):
         at_path = cache_dir() / "runs" / AT_RUN / "checkpoint.pt"
         add(f"- **AT model** (control for the diagnostics): compact net trained by this script "
