@@ -20,7 +20,8 @@ All on the compact model; ResNet-18 (slow on 2 cores) gets ``pgd_linf`` (the ``o
 
 ``--memory`` adds the peak memory of each thing compared (the ``overhead`` row), each run once in
 a fresh subprocess. Each section is saved to the JSON when it finishes; ``--resume`` skips those
-already there. Usage::
+already there. ``OUT/performance.notes.md`` (hand-written: why a target is missed, what was tried)
+is copied into the Markdown's "Notes on misses" on every run. Usage::
 
     .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--models compact,resnet18]
         [--only ITEM,...] [--out results/] [--resume] [--memory]
@@ -71,16 +72,17 @@ TARGET_GCM = 1.02
 TARGET_EPOCH_S = 2.0
 GCM_REPEAT_FACTOR = 10  # GCM's target is a 2 % difference: many cheap repeats
 NOTES = "## Notes on misses"
-PLACEHOLDER = "(to be written after the full run)"
+PLACEHOLDER = "(none yet: write them in performance.notes.md beside performance.md)"
 
 
 @dataclass(frozen=True)
 class Config:
-    repeats: int = 3
+    repeats: int = 5
     batch: dict = field(default_factory=lambda: {"compact": 128, "resnet18": 128})
     train_batch: dict = field(default_factory=lambda: {"compact": 256, "resnet18": 128})
     gcm_batch: int = 256
-    queries: int = 20  # Square
+    queries: int = 100  # Square: real evaluations use hundreds to thousands; 20 would overweight
+    # its one clean-check forward pass
     scaling_batches: tuple = (32, 64, 128, 256)
     scaling_sizes: tuple = (32, 64, 224)
     scaling_size_batch: int = 8
@@ -106,7 +108,7 @@ class Row:
     runs: dict
     checks: list
     settings: dict
-    warmup: bool = False
+    warmup: bool = True  # one untimed call of each runner first (kernel caches, allocator)
     repeat_factor: int = 1
 
 
@@ -522,11 +524,14 @@ def markdown(state, notes: str) -> str:
               f"- peers: {peers}",
               "- shared machine: other processes ran at the same time (load averages above)", "",
               "## Method", "",
-              "Things compared in one figure run in the same process, repeats interleaved round-robin; a "
+              "Things compared in one figure run in the same process, each called once untimed first "
+              "(kernel caches), then repeats interleaved round-robin; a "
               "figure is the ratio of medians (`median`) and, beside it, the ratio of minima. Attack rows: "
               "`overhead` = the model's own predictions as labels and a tiny budget (no example is skipped "
               "or dropped: the engine's cost on the full batch), `real` = true labels and a real budget. "
-              "Ideal = the bare model's forward + backward w.r.t. the input, once per step (C&W: per "
+              "Ideal = the bare model's forward + backward w.r.t. the input in its fastest layout "
+              "(channels-last on the CPU; gradshield's attacks feed that layout, peers get the "
+              "caller's NCHW tensors), once per step (C&W: per "
               "step; Square: one forward per query under `torch.inference_mode`). torchattacks' C&W stops "
               "early when its summed cost rises at a check (every steps/10), gradshield's runs every step. "
               "Training steps as "
@@ -613,7 +618,7 @@ def make_config(args) -> Config:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny batches and 1 repeat (smoke test)")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5; quick 1)")
     parser.add_argument("--models", default="compact,resnet18")
     parser.add_argument("--only", default=None, help=f"items, comma-separated: {', '.join(ITEMS)}")
     parser.add_argument("--out", default=str(REPO / "results"))
@@ -639,14 +644,14 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     settings = {"config": repr(config), "checkpoint": args.checkpoint, "threads": torch.get_num_threads()}
-    state, notes = {"settings": settings, "commands": [], "sections": {}}, PLACEHOLDER
+    state = {"settings": settings, "commands": [], "sections": {}}
+    notes_file = out / "performance.notes.md"  # hand-written from the figures; kept across runs
+    notes = notes_file.read_text().strip() if notes_file.is_file() else PLACEHOLDER
     if args.resume and (out / "performance.json").is_file():
         state = json.loads((out / "performance.json").read_text())
         if state["settings"] != settings:
             sys.exit(f"--resume: {out / 'performance.json'} was made with other settings "
                      f"({state['settings']}); rerun without --resume or with the same flags")
-        old = (out / "performance.md").read_text() if (out / "performance.md").is_file() else ""
-        notes = old.split(NOTES, 1)[1].strip() if NOTES in old else PLACEHOLDER
     state["machine"] = machine()
     state["commands"].append({"command": " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]),
                               "started": datetime.datetime.now().isoformat(timespec="seconds"),

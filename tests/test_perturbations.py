@@ -52,6 +52,25 @@ def test_l1_projection_matches_independent_solver(v, eps):
     np.testing.assert_allclose(got, want, atol=1e-8 * max(1.0, np.abs(v).max()))
 
 
+def test_l1_projection_of_sparse_rows_in_a_batch():
+    """Rows with few nonzeros (as after single-coordinate L1 steps) take the top-k path; a batch
+    mixing sparse, dense, all-zero and inside-the-ball rows matches the independent solver row by
+    row, in float64 and in float32."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.zeros(6, 3, 8, 8, dtype=torch.float64)
+    for r, count in enumerate((1, 3, 10)):
+        index = torch.randperm(192, generator=gen)[:count]
+        rows[r].view(-1)[index] = torch.randn(count, generator=gen, dtype=torch.float64)
+    rows[3] = torch.randn(3, 8, 8, generator=gen, dtype=torch.float64)  # dense
+    rows[5].view(-1)[7] = 1e-3  # inside the ball
+    eps = torch.tensor([0.5, 0.5, 1.0, 2.0, 0.5, 0.5], dtype=torch.float64)
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-6)):
+        got = project(rows.to(dtype), eps.to(dtype), "l1").double()
+        for r in range(6):
+            want = l1_projection_bisection(rows[r].to(dtype).double().flatten().numpy(), float(eps[r]))
+            np.testing.assert_allclose(got[r].flatten().numpy(), want, atol=tolerance)
+
+
 @settings(max_examples=100, deadline=None)
 @given(v=vectors, eps=st.floats(0, 20, allow_subnormal=False), norm=st.sampled_from(["linf", "l2", "l1"]))
 def test_projection_is_nearest_point_of_ball(v, eps, norm):

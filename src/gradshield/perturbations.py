@@ -105,22 +105,29 @@ def project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Exact nearest point of the L1 ball (sort-based simplex projection, Duchi et al. 2008).
 
     Rows already inside the ball are returned unchanged. The threshold is computed in float64.
+    Only the nonzero magnitudes can set the threshold (a zero never passes the prefix condition of
+    a row outside the ball), so only the largest ``k`` = most nonzeros in a row are sorted (top-k):
+    sparse rows, e.g. L1 steps that move a few coordinates, cost O(d) instead of O(d log d). The
+    soft-threshold itself is applied in the input's dtype (within one rounding of float64).
     """
     n = delta.shape[0]
     flat = delta.reshape(n, -1)
     radius = eps.reshape(n).to(torch.float64)
-    magnitude = flat.abs().to(torch.float64)
-    outside = magnitude.sum(1) > radius
+    magnitude = flat.abs()
+    outside = magnitude.sum(1, dtype=torch.float64) > radius
     if not outside.any():
         return delta
-    mu = magnitude.sort(dim=1, descending=True).values
+    k = max(1, int((magnitude != 0).sum(1).max()))
+    mu = magnitude.topk(k, dim=1).values if k < flat.shape[1] else magnitude.sort(
+        dim=1, descending=True).values
+    mu = mu.to(torch.float64)
     cumulative = mu.cumsum(1)
     ranks = torch.arange(1, mu.shape[1] + 1, dtype=torch.float64, device=delta.device)
     positive = mu * ranks > cumulative - radius[:, None]
     rho = positive.sum(1).clamp_min(1)  # the condition holds for a prefix of the sorted row
     theta = (cumulative.gather(1, (rho - 1)[:, None]).squeeze(1) - radius) / rho
-    theta = torch.where(outside, theta.clamp_min(0), torch.zeros_like(theta))
-    projected = (magnitude - theta[:, None]).clamp_min(0).to(delta.dtype) * flat.sign()
+    theta = torch.where(outside, theta.clamp_min(0), torch.zeros_like(theta)).to(delta.dtype)
+    projected = (magnitude - theta[:, None]).clamp_min_(0).mul_(flat.sign())
     return torch.where(outside[:, None], projected, flat).view_as(delta)
 
 
@@ -248,8 +255,8 @@ class Additive:
         feasible = None
         top_k = 1
         if self.norm == "l1":
-            current = x + delta
-            feasible = ((grad > 0) & (current < 1)) | ((grad < 0) & (current > 0))
+            current = x + delta  # can move up where below 1, down where above 0
+            feasible = torch.where(grad > 0, current < 1, (current > 0) & (grad < 0))
             top_k = self.l1_top_k or max(1, round(0.01 * grad[0].numel()))
         return delta + steepest_ascent(grad, per_example(step_size, grad), self.norm, top_k=top_k,
                                        feasible=feasible)
