@@ -93,7 +93,8 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
             xa, ya, sub, sa = x[active], y[active], space.select(active), _take(step_size, active)
             delta = sub.init(xa, random=random_start, generator=generator)
             for t in range(steps + 1):
-                if t == 0 and first_step is not None:  # the clean pass, already evaluated
+                reused = t == 0 and first_step is not None  # the clean pass, already evaluated
+                if reused:
                     values, grad, logits = (part[active] for part in first_step)
                 elif t < steps:
                     values, grad, logits = _loss_and_grad(forward, sub, xa, ya, delta,
@@ -101,7 +102,7 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
                 else:
                     logits = forward(sub.apply(xa, delta))
                     values = attack_loss(logits, ya, targeted=targeted, kind=loss, kappa=kappa)
-                if not (t == 0 and first_step is not None):
+                if not reused:
                     queries[active] += 1
                 fooled = is_adversarial(logits, ya, targeted)
                 # success freezes an example; otherwise keep the final iterate of the best restart

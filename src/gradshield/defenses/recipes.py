@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from gradshield.defenses.regularizers import (
     DEFAULT_FD_STEP,
     FLOW_UNITS,
-    PENALTY_METHODS,
+    check_penalty_method,
     fgr_penalty,
     flow_random_start,
     igr_penalty,
@@ -78,14 +78,6 @@ def _check_nonnegative(**values: float) -> None:
         if not (isinstance(value, (int, float)) and value >= 0 and value == value
                 and value != float("inf")):
             raise GradshieldError(f"{key} must be a finite number >= 0, got {value!r}")
-
-
-def _check_penalty_method(method: str, fd_step: float) -> None:
-    if method not in PENALTY_METHODS:
-        raise GradshieldError(f"method must be one of {PENALTY_METHODS}, got {method!r}")
-    _check_nonnegative(fd_step=fd_step)
-    if fd_step == 0:
-        raise GradshieldError("fd_step must be > 0")
 
 
 def _check_attack_settings(steps: int, attack_mode: str) -> None:
@@ -193,7 +185,7 @@ class IGRRecipe:
 
     def __post_init__(self) -> None:
         _check_nonnegative(lam=self.lam)
-        _check_penalty_method(self.method, self.fd_step)
+        check_penalty_method(self.method, self.fd_step)
 
     def __call__(self, model, x, y, generator):
         return igr_penalty(model, x, y, method=self.method, fd_step=self.fd_step).total(self.lam)
@@ -226,7 +218,7 @@ class FGRRecipe:
 
     def __post_init__(self) -> None:
         _check_nonnegative(lam=self.lam, sigma=self.sigma)
-        _check_penalty_method(self.method, self.fd_step)
+        check_penalty_method(self.method, self.fd_step)
         if self.unit not in FLOW_UNITS:
             raise GradshieldError(f"unit must be one of {FLOW_UNITS}, got {self.unit!r}")
 
@@ -293,7 +285,7 @@ class FGRADTRecipe(ADTRecipe):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_nonnegative(lam=self.lam)
-        _check_penalty_method(self.method, self.fd_step)
+        check_penalty_method(self.method, self.fd_step)
 
     def __call__(self, model, x, y, generator):
         x_adv = self.adversarial(model, x, y, generator)

@@ -115,17 +115,21 @@ def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                   create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example losses (N,) and ``d l_i / d x_i`` (N, C, H, W) in the [0, 1] pixel scale."""
+                   create_graph: bool = False, retain_graph: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example losses (N,) and ``d l_i / d x_i`` (N, C, H, W) in the [0, 1] pixel scale.
+    ``retain_graph``: keep the losses' graph for a later backward pass to the parameters."""
     x = x.detach().requires_grad_(True)
     losses = _per_example_losses(model, x, y)
-    (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph,
+                                  retain_graph=retain_graph or create_graph)
     return losses, grad
 
 
 def flow_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: str = "pixels",
-                  create_graph: bool = False, method: str = "closed_form",
-                  padding: str = "border") -> tuple[torch.Tensor, torch.Tensor]:
+                  create_graph: bool = False, retain_graph: bool = False,
+                  method: str = "closed_form", padding: str = "border"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example losses (N,) and ``d l_i(I(x_i, v)) / d v`` at v = 0, shape (N, 2, H, W).
 
     ``unit``: the flow unit the gradient is taken with respect to ("pixels" or "normalized").
@@ -137,12 +141,14 @@ def flow_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: s
         if padding != "border":
             raise GradshieldError("the closed-form flow gradient assumes border padding; "
                                   "use method='warp' for padding='zeros'")
-        losses, grad_x = input_gradient(model, x, y, create_graph=create_graph)
+        losses, grad_x = input_gradient(model, x, y, create_graph=create_graph,
+                                        retain_graph=retain_graph)
         grad = flow_gradient_closed_form(x.detach(), grad_x)
     elif method == "warp":
         flow = torch.zeros(n, 2, h, w, dtype=x.dtype, device=x.device, requires_grad=True)
         losses = _per_example_losses(model, warp(x.detach(), flow, padding=padding), y)
-        (grad,) = torch.autograd.grad(losses.sum(), flow, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(losses.sum(), flow, create_graph=create_graph,
+                                      retain_graph=retain_graph or create_graph)
     else:
         raise GradshieldError(f"method must be 'closed_form' or 'warp', got {method!r}")
     return losses, grad * _pixel_to_unit_scale(h, w, unit, grad)
@@ -153,7 +159,8 @@ PENALTY_METHODS = ("exact", "finite_difference")
 DEFAULT_FD_STEP = 0.01
 
 
-def _check_method(method: str, fd_step: float) -> None:
+def check_penalty_method(method: str, fd_step: float) -> None:
+    """``method`` one of :data:`PENALTY_METHODS`, ``fd_step`` a finite number > 0."""
     if method not in PENALTY_METHODS:
         raise GradshieldError(f"penalty method must be one of {PENALTY_METHODS}, got {method!r}")
     if not (fd_step > 0 and fd_step == fd_step and fd_step != float("inf")):
@@ -203,13 +210,11 @@ def igr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: s
                 fd_step: float = DEFAULT_FD_STEP) -> PenalizedLoss:
     """Cross-entropy and the IGR penalty ``mean_i ||d l_i / d x_i||_2^2`` ([0, 1] pixel scale).
     ``method``: "exact" (double backpropagation) or "finite_difference" (see the module doc)."""
-    _check_method(method, fd_step)
+    check_penalty_method(method, fd_step)
     if method == "exact":
         losses, grad = input_gradient(model, x, y, create_graph=True)
         return PenalizedLoss(losses.mean(), _squared_norm_mean(grad))
-    x = x.detach().requires_grad_(True)
-    losses = _per_example_losses(model, x, y)
-    (grad,) = torch.autograd.grad(losses.sum(), x, retain_graph=True)
+    losses, grad = input_gradient(model, x, y, retain_graph=True)
     penalty = _finite_difference_penalty(model, x, losses, y, grad, grad, fd_step)
     return PenalizedLoss(losses.mean(), penalty)
 
@@ -219,18 +224,13 @@ def fgr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: str
     """Cross-entropy and the FGR penalty ``mean_i ||d l_i / d v_i at v = 0||_2^2`` with the flow
     in ``unit`` ("normalized": grid_sample units, align_corners=True, as the paper; or "pixels").
     ``method``: "exact" (double backpropagation) or "finite_difference" (see the module doc)."""
-    _check_method(method, fd_step)
+    check_penalty_method(method, fd_step)
     if method == "exact":
         losses, grad = flow_gradient(model, x, y, unit=unit, create_graph=True)
         return PenalizedLoss(losses.mean(), _squared_norm_mean(grad))
-    _check_unit(unit)
-    x = x.detach().requires_grad_(True)
-    losses = _per_example_losses(model, x, y)
-    (grad_x,) = torch.autograd.grad(losses.sum(), x, retain_graph=True)
-    h, w = x.shape[-2:]
-    scale = _pixel_to_unit_scale(h, w, unit, grad_x)
-    flow_grad = flow_gradient_closed_form(x.detach(), grad_x) * scale  # (N, 2, H, W) in unit
-    direction = flow_gradient_adjoint(x.detach(), flow_grad * scale)  # A^T A g, input space
+    losses, flow_grad = flow_gradient(model, x, y, unit=unit, retain_graph=True)  # S A g, in unit
+    scale = _pixel_to_unit_scale(*x.shape[-2:], unit, flow_grad)
+    direction = flow_gradient_adjoint(x.detach(), flow_grad * scale)  # A^T S^2 A g, input space
     penalty = _finite_difference_penalty(model, x, losses, y, flow_grad, direction, fd_step)
     return PenalizedLoss(losses.mean(), penalty)
 
