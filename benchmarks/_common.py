@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,13 +44,41 @@ def cifar():
     return None
 
 
-def batch(n: int):
-    """(images, labels, description): ``n`` CIFAR-10 test images, else random images."""
+@functools.cache
+def dataset():
+    """(train, test, description): the bundled CIFAR-10, or random uint8 stand-ins of the same
+    shapes where no copy is found (so a benchmark still runs, and says so)."""
     data = cifar()
     if data is not None:
-        return (*data[1].subset(n, seed=0).as_float(), "CIFAR-10 test images")
+        return (*data, "CIFAR-10")
+    from gradshield.data import ImageData
+
     g = torch.Generator().manual_seed(0)
-    return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), "random images"
+    fake = [ImageData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (n,), generator=g), tuple(map(str, range(10))))
+            for n in (50_000, 10_000)]
+    return (*fake, "random images (CIFAR-10 not found)")
+
+
+def images(n: int, split: str = "test"):
+    """(images in [0, 1], labels): a fixed seeded subset of ``n`` images of ``split``."""
+    return dataset()[split == "test"].subset(n, seed=0).as_float()
+
+
+def batch(n: int):
+    """(images, labels, description): ``n`` test images."""
+    return (*images(n), dataset()[2])
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else what the platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def fastest_layout(x: torch.Tensor) -> torch.Tensor:

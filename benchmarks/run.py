@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from _common import cifar, ideal, ideal_forward, load, time_interleaved
+from _common import cpu_name, dataset, ideal, ideal_forward, images, load, time_interleaved
 from gradshield.attacks import AttackResult, cw_l2, flow_pgd, pgd, square
 from gradshield.training import TrainConfig, bf16_is_fast
 from gradshield.warp import normalized_to_pixels
@@ -123,25 +123,6 @@ class Setup:
     def attack_batch(self):
         x, y = images(self.config.batch[self.arch])
         return x, y, predictions(self.model, x)
-
-
-@functools.cache
-def dataset():
-    """(train, test) CIFAR-10, or random stand-ins of the same shapes where no copy is found."""
-    data = cifar()
-    if data is not None:
-        return (*data, "CIFAR-10")
-    from gradshield.data import ImageData
-
-    g = torch.Generator().manual_seed(0)
-    fake = [ImageData(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                      torch.randint(0, 10, (n,), generator=g), tuple(map(str, range(10))))
-            for n in (50_000, 10_000)]
-    return (*fake, "random images (CIFAR-10 not found)")
-
-
-def images(n, split="test"):
-    return dataset()[split == "test"].subset(n, seed=0).as_float()
 
 
 def predictions(model, x):
@@ -417,8 +398,7 @@ def build(section: str, config: Config, checkpoint, warm: bool = True) -> list[R
 # ----------------------------------------------------------------------------- reporting
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     peers = {}
     for package in PEERS:
         try:

@@ -19,20 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from _common import cpu_name
 from gradshield.checkpoint import read_checkpoint
 from gradshield.training import CHECKPOINT_NAME, METRICS_NAME
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
+    return (f"{cpu_name()}, {torch.get_num_threads()} torch threads, {platform.python_version()}, "
             f"torch {torch.__version__}")
 
 
