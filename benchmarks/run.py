@@ -504,6 +504,10 @@ def markdown(state, notes: str) -> str:
               f"- peers: {peers}",
               "- shared machine: other processes ran at the same time (load averages above)", "",
               "## Method", "",
+              "Data: a fixed `subset(n, seed=0)` of the bundled CIFAR-10 (test split for attacks, "
+              "train split for training steps and the data epoch). Models: the compact net from the "
+              "checkpoint named in the settings below, ResNet-18 randomly initialised with "
+              "`torch.manual_seed(0)`. "
               "Things compared in one figure run in the same process, each called once untimed first "
               "(kernel caches), then repeats interleaved round-robin; a "
               "figure is the ratio of medians (`median`) and, beside it, the ratio of minima. Attack rows: "
