@@ -218,3 +218,24 @@ def test_flow_single_step_is_optimal_on_a_ramp(norm, dual):
     eps = 0.4 if norm == "linf" else 1.5
     result = flow_single_step(model, x, y, eps=eps, norm=norm, loss="margin")
     assert_near_optimum(model, x, result, eps * float(norm_of(gradient, dual)[0]), fraction=0.9999)
+
+
+def test_clean_pass_doubles_as_the_first_step_and_the_callers_tensors_are_untouched(trained_model,
+                                                                                     test_batch):
+    """Without a random start the clean evaluation is the first step's forward pass: an example
+    never fooled costs steps + 1 evaluations (with a random start, 1 clean + steps + 1 final).
+    The attack feeds the model channels-last images internally; the caller's images are left as
+    they were and the adversarials come back in the ordinary contiguous layout."""
+    x, _ = spread(test_batch, 16)
+    with torch.no_grad():
+        labels = trained_model(x).argmax(1)
+    before = x.clone()
+    plain = pgd(trained_model, x, labels, eps=1e-4, steps=5)
+    started = pgd(trained_model, x, labels, eps=1e-4, steps=5, random_start=True,
+                  generator=torch.Generator().manual_seed(0))
+    for result, expected in ((plain, 5 + 1), (started, 1 + 5 + 1)):
+        kept = ~result.success
+        assert kept.sum() >= 12  # a 1e-4 budget fools (almost) nothing
+        assert (result.queries[kept] == expected).all()
+        assert result.adversarial.is_contiguous()
+    assert torch.equal(x, before) and x.is_contiguous()
