@@ -200,6 +200,10 @@ def test_flow_random_start_units_reproducibility_and_range():
         flow_random_start(x, -1.0)
     with pytest.raises(GradshieldError, match="unit"):
         fgr_penalty(smooth_model(), *batch(), unit="px")
+    last = x.contiguous(memory_format=torch.channels_last)  # the training loop's layout
+    warped = flow_random_start(last, 0.01, torch.Generator().manual_seed(3))
+    assert warped.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(warped, a, rtol=0, atol=0)
 
 
 def _bn_model(seed: int = 0) -> nn.Module:

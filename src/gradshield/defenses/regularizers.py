@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradshield.defenses.second_order import second_order_kernels
 from gradshield.errors import GradshieldError
 from gradshield.warp import (
     flow_gradient_adjoint,
@@ -120,7 +121,8 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """Per-example losses (N,) and ``d l_i / d x_i`` (N, C, H, W) in the [0, 1] pixel scale.
     ``retain_graph``: keep the losses' graph for a later backward pass to the parameters."""
     x = x.detach().requires_grad_(True)
-    losses = _per_example_losses(model, x, y)
+    with second_order_kernels() if create_graph else contextlib.nullcontext():
+        losses = _per_example_losses(model, x, y)
     (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph,
                                   retain_graph=retain_graph or create_graph)
     return losses, grad
@@ -239,7 +241,8 @@ def flow_random_start(x: torch.Tensor, sigma: float, generator: torch.Generator 
                       *, unit: str = "normalized", padding: str = "border") -> torch.Tensor:
     """Warp ``x`` by an i.i.d. Gaussian flow of standard deviation ``sigma`` (in ``unit``) per
     pixel and component, as the FGR paper's random start (sigma 0.01 normalised = 0.155 px at 32
-    px). Returns a detached image in [0, 1]. ``sigma = 0`` returns ``x`` unchanged."""
+    px). Returns a detached image in [0, 1], in ``x``'s memory layout (channels-last stays
+    channels-last). ``sigma = 0`` returns ``x`` unchanged."""
     _check_unit(unit)
     if sigma < 0:
         raise GradshieldError(f"random-start sigma must be >= 0, got {sigma}")
@@ -253,4 +256,11 @@ def flow_random_start(x: torch.Tensor, sigma: float, generator: torch.Generator 
                              dtype=x.dtype, device=x.device).view(1, 2, 1, 1)
     else:
         scale = torch.full((1, 2, 1, 1), sigma, dtype=x.dtype, device=x.device)
-    return warp(x.detach(), noise * scale, padding=padding).clamp(0, 1).detach()
+    warped = warp(x.detach(), noise * scale, padding=padding).clamp(0, 1).detach()
+    return warped.contiguous(memory_format=_memory_format(x))  # keep the caller's layout
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
