@@ -352,6 +352,32 @@ def claims(models: dict, out_dir: Path) -> list[str]:
     return lines
 
 
+def cost_section(bench: Path) -> list[str]:
+    """Markdown lines of the training-step cost table from bench_training_step's JSON
+    (none when the file is missing)."""
+    if not bench.is_file():
+        return []
+    data = json.loads(bench.read_text())
+    lines = ["", "## Cost of one training step (ratio to a standard step)", "",
+             f"`python benchmarks/bench_training_step.py --repeats {data['repeats']} --out "
+             f"{bench.relative_to(REPO) if bench.is_relative_to(REPO) else bench}`: compact "
+             f"model, batch {data['batch_size']}, {data['threads']} threads, interleaved "
+             "repeats on the shared 2-core CPU (medians; the minima are the least disturbed "
+             "by other processes).", "",
+             "| recipe | " + " | ".join(f"{p} median s | {p} ratio | {p} ratio of minima"
+                                         for p in data["precisions"]) + " |",
+             "|---|" + "---|---|---|" * len(data["precisions"])]
+    names = list(next(iter(data["precisions"].values())))
+    for name in names:
+        cells = []
+        for rows in data["precisions"].values():
+            r = rows[name]
+            cells += [f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x",
+                     f"{r.get('ratio_of_minima', float('nan')):.2f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(args, specs: list[dict], command: str) -> dict:
     models = collect(args, specs)
     results = Path(args.results)
@@ -421,26 +447,7 @@ def write_report(args, specs: list[dict], command: str) -> dict:
         parts = [f"{k[:-len('_status')]}: {v}" for k, v in row.items() if k.endswith("_status")]
         lines.append(f"- {spec['key']}: trained {row.get('epochs_done', 0)}/{args.epochs} epochs; "
                      + ("; ".join(parts) if parts else "not evaluated yet"))
-    bench = results.parent / f"{results.name}.bench.json"
-    if bench.is_file():
-        data = json.loads(bench.read_text())
-        lines += ["", "## Cost of one training step (ratio to a standard step)", "",
-                  f"`python benchmarks/bench_training_step.py --repeats {data['repeats']} --out "
-                  f"{bench.relative_to(REPO) if bench.is_relative_to(REPO) else bench}`: compact "
-                  f"model, batch {data['batch_size']}, {data['threads']} threads, interleaved "
-                  "repeats on the shared 2-core CPU (other jobs running: the minima are the "
-                  "least disturbed).", "",
-                  "| recipe | " + " | ".join(f"{p} median s | {p} ratio | {p} ratio of minima"
-                                              for p in data["precisions"]) + " |",
-                  "|---|" + "---|---|---|" * len(data["precisions"])]
-        names = list(next(iter(data["precisions"].values())))
-        for name in names:
-            cells = []
-            for rows in data["precisions"].values():
-                r = rows[name]
-                cells += [f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x",
-                          f"{r.get('ratio_of_minima', float('nan')):.2f}x"]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += cost_section(results.parent / f"{results.name}.bench.json")
     notes = results.parent / f"{results.name}.notes.md"
     if notes.is_file():
         lines += ["", notes.read_text().strip()]

@@ -26,7 +26,10 @@ differentiates the batch-mean loss); in eval mode or without BatchNorm it is exa
 
 Two ways to differentiate the penalty w.r.t. the parameters (``method``):
 
-- ``"exact"``: double backpropagation (``create_graph=True``), as the paper's code.
+- ``"exact"``: double backpropagation (``create_graph=True``), as the paper's code. The forward
+  pass runs under :class:`gradshield.defenses.second_order.second_order_kernels`, whose
+  second-order passes for train-mode BatchNorm and exact GELU are cheaper than PyTorch's and
+  mathematically identical.
 - ``"finite_difference"``: both penalties are ``P = mean_i ||A_i g_i||^2`` with ``g = dL/dx`` and
   ``A_i`` fixed by ``x_i`` (the identity for IGR, the forward differences for FGR), so
   ``dP/dtheta = 2 d/dh [dL(x + h U)/dtheta] at h = 0`` with ``U_i = A_i^T A_i g_i``: a
