@@ -204,3 +204,19 @@ def test_attack_gradient_at_identity_is_forward_difference():
 def test_spaces_reject_nonsense(bad):
     with pytest.raises(GradshieldError):
         bad()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_norm_of_is_layout_independent_and_handles_flat_and_empty_rows(norm):
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(4, 3, 5, 6, generator=gen)
+    expected = {"linf": delta.reshape(4, -1).abs().amax(1), "l2": delta.reshape(4, -1).norm(dim=1),
+                "l1": delta.reshape(4, -1).abs().sum(1)}[norm]
+    last = delta.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(norm_of(last, norm), expected)
+    torch.testing.assert_close(norm_of(delta[:, 0, 0, :2].reshape(4, 2), norm),
+                               {"linf": delta[:, 0, 0, :2].abs().amax(1),
+                                "l2": delta[:, 0, 0, :2].norm(dim=1),
+                                "l1": delta[:, 0, 0, :2].abs().sum(1)}[norm])
+    torch.testing.assert_close(norm_of(delta[:, 0, 0, 0], norm), delta[:, 0, 0, 0].abs())
+    assert norm_of(torch.zeros(4, 0), norm).tolist() == [0.0] * 4

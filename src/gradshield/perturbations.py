@@ -74,14 +74,17 @@ def per_example(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 
 def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example size of ``delta`` (N, ...) in ``norm``, shape (N,)."""
-    flat = delta.reshape(delta.shape[0], -1)
+    """Per-example size of ``delta`` (N, ...) in ``norm``, shape (N,). Reduces over the
+    non-batch dimensions in place (no flattening copy of a channels-last tensor)."""
+    dims = tuple(range(1, delta.dim()))
     if norm == "linf":
-        return flat.abs().amax(1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+        if not dims or delta[0].numel() == 0:
+            return delta.abs().reshape(delta.shape[0], -1).sum(1)  # zeros, or |delta| for (N,)
+        return delta.abs().amax(dim=dims)
     if norm == "l2":
-        return flat.norm(p=2, dim=1)
+        return torch.linalg.vector_norm(delta, 2, dim=dims) if dims else delta.abs()
     if norm == "l1":
-        return flat.abs().sum(1)
+        return delta.abs().sum(dim=dims) if dims else delta.abs()
     raise GradshieldError(f"unknown norm {norm!r}; choose one of {NORMS}")
 
 
