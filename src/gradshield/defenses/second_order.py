@@ -69,7 +69,9 @@ class _BatchNormTrainBackward(Function):
         nd = x.dim()
         count = x.numel() // x.shape[1]
         r, gamma = _channel(invstd, nd), _channel(weight, nd)
-        xhat = (x - _channel(mean, nd)) * r  # float32+ (mean is)
+        dtype = x.dtype  # full-size tensors stay in the activations' dtype (bf16 under autocast);
+        # per-channel sums and coefficients are float32+
+        xhat = (x - _channel(mean, nd).to(dtype)) * r.to(dtype)
         a = _channel(_channel_sum(grad_out), nd) / count
         b = _channel(_channel_sum(grad_out * xhat), nd) / count
         g_grad_out = g_x = g_weight = None
@@ -83,8 +85,9 @@ class _BatchNormTrainBackward(Function):
                                                           True, ctx.eps, [True, False, False])[0]
             g_weight = (r * k).flatten()
             coef = -(gamma * r * r) / count
-            g_x = torch.addcmul(coef * -(a * hx + b * h1), xhat, coef * (k - 2 * b * hx))
-            g_x = g_x.addcmul_(grad_out, coef * hx).addcmul_(h_x, coef * (count * b))
+            g_x = torch.addcmul((coef * -(a * hx + b * h1)).to(dtype), xhat,
+                                (coef * (k - 2 * b * hx)).to(dtype))
+            g_x = g_x.addcmul_(grad_out, (coef * hx).to(dtype)).addcmul_(h_x, (coef * (count * b)).to(dtype))
         if h_weight is not None:  # gweight = sum gy xhat
             hw = _channel(h_weight, nd)
             g_grad_out = hw * xhat if g_grad_out is None else g_grad_out + hw * xhat
