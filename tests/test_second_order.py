@@ -186,3 +186,16 @@ def test_bf16_autocast_penalty_gradient_is_as_accurate_as_the_native_path(traine
         errors[use_ours] = ((grad.double() - reference).norm() / reference.norm()).item()
     assert errors[True] <= 1.1 * errors[False], errors
     assert errors[True] < 0.1, errors
+
+
+def test_a_third_derivative_through_batchnorm_fails_loudly_instead_of_silently_wrong():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with second_order_kernels():
+        out = F.batch_norm(x, None, None, weight, bias, training=True)
+    (gx,) = torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+    torch.autograd.grad(gx.pow(2).sum(), x)  # second order: fine
+    with pytest.raises(RuntimeError, match="second order"):
+        torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)  # would allow a third

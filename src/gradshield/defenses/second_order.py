@@ -65,6 +65,10 @@ class _BatchNormTrainBackward(Function):
 
     @staticmethod
     def backward(ctx, h_x, h_weight, h_bias):
+        if torch.is_grad_enabled():  # a third derivative would treat the batch statistics as constants
+            raise RuntimeError("second_order_kernels supports derivatives up to second order through "
+                               "train-mode BatchNorm; for a third derivative run the forward pass "
+                               "outside it (PyTorch's own formulas)")
         grad_out, x, weight, mean, invstd = ctx.saved_tensors
         nd = x.dim()
         count = x.numel() // x.shape[1]
@@ -175,7 +179,7 @@ class second_order_kernels(TorchFunctionMode):
         if func is F.batch_norm:
             bound = _bind_batch_norm(*args, **kwargs)
             if (bound["training"] and bound["weight"] is not None and bound["bias"] is not None
-                    and bound["input"].dim() >= 2):
+                    and bound["momentum"] is not None and bound["input"].dim() >= 2):
                 return _batch_norm(**bound)
         elif func is F.gelu and kwargs.get("approximate", "none") == "none" and len(args) == 1:
             return _Gelu.apply(args[0])
