@@ -47,8 +47,9 @@ def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
 def _channel_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the channels (dim 1), accumulated and returned in float32+."""
     dims = [0, *range(2, t.dim())]
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return t.sum(dim=dims, dtype=dtype)
+    if t.dtype in (torch.bfloat16, torch.float16):  # accumulates in float32 without a float32 copy
+        return t.sum(dim=dims).float()
+    return t.sum(dim=dims)
 
 
 class _BatchNormTrainBackward(Function):
