@@ -220,3 +220,6 @@ def test_norm_of_is_layout_independent_and_handles_flat_and_empty_rows(norm):
                                 "l1": delta[:, 0, 0, :2].abs().sum(1)}[norm])
     torch.testing.assert_close(norm_of(delta[:, 0, 0, 0], norm), delta[:, 0, 0, 0].abs())
     assert norm_of(torch.zeros(4, 0), norm).tolist() == [0.0] * 4
+    assert norm_of(torch.zeros(0, 3, 5, 6), norm).shape == (0,)  # an empty batch
+    with pytest.raises(GradshieldError, match="unknown norm"):
+        norm_of(delta, "l3")

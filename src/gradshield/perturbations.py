@@ -76,16 +76,18 @@ def per_example(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-example size of ``delta`` (N, ...) in ``norm``, shape (N,). Reduces over the
     non-batch dimensions in place (no flattening copy of a channels-last tensor)."""
+    if norm not in NORMS:
+        raise GradshieldError(f"unknown norm {norm!r}; choose one of {NORMS}")
+    if delta.dim() == 1:  # one value per example: its size in every norm
+        return delta.abs()
     dims = tuple(range(1, delta.dim()))
     if norm == "linf":
-        if not dims or delta[0].numel() == 0:
-            return delta.abs().reshape(delta.shape[0], -1).sum(1)  # zeros, or |delta| for (N,)
+        if math.prod(delta.shape[1:]) == 0:  # empty rows (amax has no identity)
+            return delta.new_zeros(delta.shape[0])
         return delta.abs().amax(dim=dims)
     if norm == "l2":
-        return torch.linalg.vector_norm(delta, 2, dim=dims) if dims else delta.abs()
-    if norm == "l1":
-        return delta.abs().sum(dim=dims) if dims else delta.abs()
-    raise GradshieldError(f"unknown norm {norm!r}; choose one of {NORMS}")
+        return torch.linalg.vector_norm(delta, 2, dim=dims)
+    return delta.abs().sum(dim=dims)
 
 
 # --------------------------------------------------------------------------- exact projections

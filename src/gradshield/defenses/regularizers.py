@@ -114,8 +114,11 @@ def _squared_norm_mean(grad: torch.Tensor) -> torch.Tensor:
     return _at_least_float32(grad).pow(2).sum(dim=(1, 2, 3)).mean()
 
 
-def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_at_least_float32(model(x)), y, reduction="none")
+def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                        second_order: bool = False) -> torch.Tensor:
+    """``second_order``: the losses will be differentiated twice (cheaper BatchNorm/GELU passes)."""
+    with second_order_kernels() if second_order else contextlib.nullcontext():
+        return F.cross_entropy(_at_least_float32(model(x)), y, reduction="none")
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -124,8 +127,7 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """Per-example losses (N,) and ``d l_i / d x_i`` (N, C, H, W) in the [0, 1] pixel scale.
     ``retain_graph``: keep the losses' graph for a later backward pass to the parameters."""
     x = x.detach().requires_grad_(True)
-    with second_order_kernels() if create_graph else contextlib.nullcontext():
-        losses = _per_example_losses(model, x, y)
+    losses = _per_example_losses(model, x, y, second_order=create_graph)
     (grad,) = torch.autograd.grad(losses.sum(), x, create_graph=create_graph,
                                   retain_graph=retain_graph or create_graph)
     return losses, grad
@@ -151,7 +153,8 @@ def flow_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: s
         grad = flow_gradient_closed_form(x.detach(), grad_x)
     elif method == "warp":
         flow = torch.zeros(n, 2, h, w, dtype=x.dtype, device=x.device, requires_grad=True)
-        losses = _per_example_losses(model, warp(x.detach(), flow, padding=padding), y)
+        losses = _per_example_losses(model, warp(x.detach(), flow, padding=padding), y,
+                                     second_order=create_graph)
         (grad,) = torch.autograd.grad(losses.sum(), flow, create_graph=create_graph,
                                       retain_graph=retain_graph or create_graph)
     else:

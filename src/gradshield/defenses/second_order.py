@@ -28,6 +28,7 @@ and for GELU, ``gx = g * gelu'(x)``: d/d g = h gelu'(x), d/d x = h g phi(x) (2 -
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -166,9 +167,7 @@ class _Gelu(Function):
         return _aten.gelu_backward(grad_out, x)
 
 
-def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                momentum=0.1, eps=1e-5):
-    return _BatchNormTrain.apply(input, weight, bias, running_mean, running_var, momentum, eps)
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 class second_order_kernels(TorchFunctionMode):
@@ -178,17 +177,14 @@ class second_order_kernels(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.batch_norm:
-            bound = _bind_batch_norm(*args, **kwargs)
-            if (bound["training"] and bound["weight"] is not None and bound["bias"] is not None
-                    and bound["momentum"] is not None and bound["input"].dim() >= 2):
-                return _batch_norm(**bound)
+            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+            bound.apply_defaults()
+            b = bound.arguments
+            if (b["training"] and b["weight"] is not None and b["bias"] is not None
+                    and b["momentum"] is not None and b["input"].dim() >= 2):
+                return _BatchNormTrain.apply(b["input"], b["weight"], b["bias"], b["running_mean"],
+                                             b["running_var"], b["momentum"], b["eps"])
         elif func is F.gelu and kwargs.get("approximate", "none") == "none" and len(args) == 1:
             return _Gelu.apply(args[0])
         return func(*args, **kwargs)
 
-
-def _bind_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                     momentum=0.1, eps=1e-5) -> dict:
-    return {"input": input, "running_mean": running_mean, "running_var": running_var,
-            "weight": weight, "bias": bias, "training": training, "momentum": momentum,
-            "eps": eps}
