@@ -1,6 +1,7 @@
-"""The hand-derived second-order passes of train-mode BatchNorm and GELU: float64 gradchecks,
-agreement with PyTorch's own double backward and with finite differences of the penalties,
-running statistics, and what the context leaves to the native kernels."""
+"""The hand-derived second-order passes of train-mode BatchNorm, GELU, convolutions and max
+pooling: float64 gradchecks, agreement with PyTorch's own double backward and with finite
+differences of the penalties, running statistics, the weight gradients the first backward skips,
+memory layouts, and what the context leaves to the native kernels."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from torch.nn import functional as F
 from gradshield.defenses.regularizers import fgr_penalty, igr_penalty
 from gradshield.defenses.second_order import (
     _BatchNormTrainBackward,
+    _ConvolutionBackward,
+    _gelu_derivative,
     _GeluBackward,
+    _MaxPool2dBackward,
     second_order_kernels,
 )
 
@@ -63,8 +67,123 @@ def test_gelu_backward_is_differentiable_exactly():
     gen = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(5, 7, generator=gen, dtype=torch.float64)).requires_grad_()
     grad_out = torch.randn(5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_GeluBackward.apply, (grad_out, x))
-    assert torch.autograd.gradgradcheck(_GeluBackward.apply, (grad_out, x))
+
+    def gelu_backward(g, x):  # the derivative argument recomputed from x, as _Gelu does
+        return _GeluBackward.apply(g, x, _gelu_derivative(x))
+
+    assert torch.autograd.gradcheck(gelu_backward, (grad_out, x))
+    assert torch.autograd.gradgradcheck(gelu_backward, (grad_out, x))
+
+
+# (stride, padding, dilation, groups) of a convolution 4 -> 6 channels
+CONVOLUTIONS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 2, 1), (2, 0, 1, 2)]
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", CONVOLUTIONS)
+def test_convolution_backward_is_differentiable_exactly(stride, padding, dilation, groups):
+    """All three outputs (gx, gweight, gbias) against float64 finite differences in all three
+    inputs, and the derivative of that backward (a third derivative) too."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 7, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 // groups, 3, 3, generator=gen, dtype=torch.float64,
+                         requires_grad=True)
+    out_shape = F.conv2d(x, weight, stride=stride, padding=padding, dilation=dilation,
+                         groups=groups).shape
+    grad_out = torch.randn(out_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = ([6], [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups)
+
+    def backward(g, xx, w):
+        return _ConvolutionBackward.apply(g, xx, w, params, [True, True, True])
+
+    assert torch.autograd.gradcheck(backward, (grad_out, x, weight))
+    assert torch.autograd.gradgradcheck(backward, (grad_out, x, weight))
+
+
+@pytest.mark.parametrize("stride,padding,dilation,groups", CONVOLUTIONS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_convolution_double_backward_matches_the_native_one(stride, padding, dilation, groups,
+                                                            bias):
+    """A penalty on the input gradient through two convolutions: the same parameter gradient
+    (float64) as PyTorch's own double backward."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                  bias=bias), nn.Tanh(), nn.Conv2d(6, 4, 3, padding=1, bias=bias)).double()
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
+
+    def parameter_gradient(use_ours):
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        with second_order_kernels() if use_ours else contextlib.nullcontext():
+            out = model(xx)
+        loss = out.pow(2).sum() * 0.1 + out.sum()
+        (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(parameter_gradient(True), parameter_gradient(False),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_convolution_with_string_padding_is_left_to_pytorch():
+    conv = nn.Conv2d(3, 4, 3, padding="same").double()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    with second_order_kernels():
+        out = conv(x)
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
+    torch.testing.assert_close(out, conv(x), rtol=0, atol=0)
+
+
+def _conv_weight_gradients_computed(model, x, y, use_ours) -> int:
+    """How many convolution backward calls compute a weight gradient in the FIRST backward pass
+    of the IGR penalty (the input gradient, which needs none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is aten.convolution_backward.default:
+                calls.append(args[-1][1])
+            return func(*args, **(kwargs or {}))
+
+    xx = x.detach().requires_grad_(True)
+    with second_order_kernels() if use_ours else contextlib.nullcontext():
+        losses = F.cross_entropy(model(xx), y, reduction="none")
+    with Record():
+        torch.autograd.grad(losses.sum(), xx, create_graph=True)
+    return sum(calls)
+
+
+def test_the_first_backward_computes_no_weight_gradients(trained_model, test_batch):
+    x, y = test_batch[0][:8], test_batch[1][:8]
+    model = trained_model.train()
+    assert _conv_weight_gradients_computed(model, x, y, use_ours=True) == 0
+    assert _conv_weight_gradients_computed(model, x, y, use_ours=False) == 0  # native: none either
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [(2, 2, 0, False), (3, 2, 1, True),
+                                                              (3, 1, 1, False)])
+def test_max_pool_backward_is_differentiable_exactly_and_keeps_the_layout(channels_last, kernel,
+                                                                          stride, padding,
+                                                                          ceil_mode):
+    gen = torch.Generator().manual_seed(8)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 7, 7, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    params = ([kernel] * 2, [stride] * 2, [padding] * 2, [1, 1], ceil_mode)
+    out, indices = aten.max_pool2d_with_indices(x, *params)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).contiguous(
+        memory_format=layout).requires_grad_()
+    assert torch.autograd.gradcheck(lambda g: _MaxPool2dBackward.apply(g, x, indices, params),
+                                    (grad_out,))
+    # the double backward: ours against PyTorch's own, and in the caller's layout
+    h = torch.randn(x.shape, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    (ours,) = torch.autograd.grad(_MaxPool2dBackward.apply(grad_out, x, indices, params), grad_out, h)
+    native_gx = aten.max_pool2d_with_indices_backward(grad_out, x, *params, indices)
+    (native,) = torch.autograd.grad(native_gx, grad_out, h)
+    torch.testing.assert_close(ours, native, rtol=0, atol=0)
+    assert ours.is_contiguous(memory_format=layout)
 
 
 def bn_gelu_model(seed: int = 0) -> nn.Module:
@@ -76,16 +195,28 @@ def bn_gelu_model(seed: int = 0) -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).double().train()
 
 
+def pooling_model(seed: int = 0) -> nn.Module:
+    """Float64 CNN with every rerouted layer: biased and strided convolutions, max pooling,
+    BatchNorm, GELU (max pooling is smooth away from ties, which random float64 inputs avoid)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.GELU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.GELU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).double().train()
+
+
 def _penalty(kind, model, x, y):
     fn = igr_penalty if kind == "igr" else fgr_penalty
     return fn(model, x, y).penalty
 
 
+@pytest.mark.parametrize("make_model,size", [(bn_gelu_model, 6), (pooling_model, 8)])
 @pytest.mark.parametrize("kind", ["igr", "fgr"])
-def test_penalty_gradients_through_batchnorm_and_gelu_match_finite_differences(kind):
-    model = bn_gelu_model()
+def test_penalty_gradients_through_the_rerouted_layers_match_finite_differences(kind, make_model,
+                                                                               size):
+    model = make_model()
     gen = torch.Generator().manual_seed(3)
-    x = torch.rand(4, 3, 6, 6, generator=gen, dtype=torch.float64)
+    x = torch.rand(4, 3, size, size, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (4,), generator=gen)
     params = [p for p in model.parameters()]
     grads = torch.autograd.grad(_penalty(kind, model, x, y), params)
@@ -157,13 +288,16 @@ def _node_names(tensor: torch.Tensor) -> set[str]:
     return names
 
 
-def test_only_train_mode_batchnorm_and_exact_gelu_are_rerouted():
+def test_only_the_supported_layers_are_rerouted():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GELU(),
-                          nn.GELU(approximate="tanh"), nn.BatchNorm2d(4, affine=False))
-    x = torch.rand(2, 3, 6, 6, requires_grad=True)
+                          nn.GELU(approximate="tanh"), nn.BatchNorm2d(4, affine=False),
+                          nn.MaxPool2d(2), nn.AvgPool2d(2))
+    x = torch.rand(2, 3, 10, 10, requires_grad=True)
     with second_order_kernels():
         names = _node_names(model.train()(x))
-    assert {"_BatchNormTrainBackward", "_GeluBackward"} <= names
+    assert {"_BatchNormTrainBackward", "_GeluBackward", "_ConvolutionBackward",
+            "_MaxPool2dBackward"} <= names
+    assert "AvgPool2DBackward0" in names  # no pass of its own: native
     assert "NativeBatchNormBackward0" in names  # affine=False: native
     assert "GeluBackward0" in names  # tanh approximation: native
     with second_order_kernels():

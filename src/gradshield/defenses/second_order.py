@@ -1,18 +1,25 @@
-"""Cheaper double backpropagation through train-mode BatchNorm and exact GELU.
+"""Cheaper double backpropagation through the layers of CIFAR networks.
 
 The exact IGR/FGR penalties differentiate an input gradient w.r.t. the parameters (double
-backpropagation). PyTorch's second-order formulas for ``native_batch_norm_backward`` and
-``gelu_backward`` are long chains of unfused element-wise operations; on a CPU they took ~50 % of
-an FGR step on the compact net (``results/performance.notes.md``). This module gives both
-layers a hand-derived second-order pass with fewer full-size passes, and changes nothing else:
+backpropagation). PyTorch's own second-order formulas are slow on a CPU: those of
+``native_batch_norm_backward`` and ``gelu_backward`` are long chains of unfused element-wise
+operations (~50 % of an FGR step on the compact net before this module), a convolution's
+takes the weight gradient's derivative as a convolution with the batch as channels (~3x a
+weight gradient), and max pooling's returns NCHW tensors (every later element-wise pass then
+mixes layouts) plus a zero tensor for its input (``results/performance.notes.md``). This module
+gives these layers hand-derived second-order passes, and changes nothing else:
 
 - :func:`second_order_kernels` is a context manager (a :class:`torch.overrides.TorchFunctionMode`)
   active only around the forward pass whose input gradient will be differentiated again. Inside
-  it, ``F.batch_norm`` in training mode and ``F.gelu(approximate="none")`` are routed to the
-  autograd functions below; everything else (eval-mode BatchNorm, tanh-GELU, other layers) runs
-  as usual. Values and first-order gradients are those of the native kernels (they are called);
-  second-order gradients are mathematically identical (checked against PyTorch's own double
-  backward and float64 finite differences in ``tests/test_second_order.py``).
+  it, ``F.batch_norm`` in training mode, ``F.gelu(approximate="none")``, ``F.conv{1,2,3}d`` (not
+  with string padding) and ``F.max_pool2d`` are routed to the autograd functions below;
+  everything else (eval-mode BatchNorm, tanh-GELU, other layers) runs as usual. Values and
+  first-order gradients are those of the native kernels (they are called); second-order
+  gradients are mathematically identical (checked against PyTorch's own double backward and
+  float64 finite differences in ``tests/test_second_order.py``).
+- The first backward pass (the input gradient, ``autograd.grad(loss, x, create_graph=True)``)
+  computes no weight gradients of convolutions: the engine is asked which gradients that pass
+  uses. GELU's derivative is computed once and reused by the three passes that need it.
 
 Derivation (per channel, M = N*H*W values, r = 1/sqrt(var + eps), xh = (x - mean) * r):
 the BatchNorm input gradient is ``gx = gamma r (gy - a - xh b)`` with ``a = mean(gy)``,
@@ -23,7 +30,12 @@ H1 = sum h, Hx = sum h xh, Hg = sum h gy, K = Hg - a H1 - b Hx):
 - d/d gamma = r K
 - d/d x     = -(gamma r^2 / M) (xh (K - 2 b Hx) + Hx gy + M b h - a Hx - b H1)
 
-and for GELU, ``gx = g * gelu'(x)``: d/d g = h gelu'(x), d/d x = h g phi(x) (2 - x^2).
+(a M and b M are the first backward's bias and weight gradients; H1, Hx and d/d gy come from
+one native BatchNorm backward of h, Hg from another). For GELU, ``gx = g * gelu'(x)``:
+d/d g = h gelu'(x), d/d x = h g phi(x) (2 - x^2). A convolution's ``gx = A(w)^T gy`` is linear
+in gy and in w: d/d gy = A(w) h (a convolution of h), d/d w = the weight gradient of a
+convolution of h with output gradient gy. Max pooling's ``gx`` scatters gy to the window maxima:
+d/d gy gathers h there, and gx is constant in x.
 """
 
 from __future__ import annotations
@@ -45,14 +57,6 @@ def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _channel_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension but the channels (dim 1), accumulated and returned in float32+."""
-    dims = [0, *range(2, t.dim())]
-    if t.dtype in (torch.bfloat16, torch.float16):  # accumulates in float32 without a float32 copy
-        return t.sum(dim=dims).float()
-    return t.sum(dim=dims)
-
-
 class _BatchNormTrainBackward(Function):
     """(gy, x, weight) -> (gx, gweight, gbias) of train-mode BatchNorm, twice differentiable."""
 
@@ -60,7 +64,8 @@ class _BatchNormTrainBackward(Function):
     def forward(ctx, grad_out, x, weight, save_mean, save_invstd, eps):
         grads = _aten.native_batch_norm_backward(grad_out, x, weight, None, None, save_mean,
                                                  save_invstd, True, eps, [True, True, True])
-        ctx.save_for_backward(grad_out, x, weight, save_mean, save_invstd)
+        # gweight = sum gy xh and gbias = sum gy are the pass's b * M and a * M
+        ctx.save_for_backward(grad_out, x, weight, save_mean, save_invstd, grads[1], grads[2])
         ctx.eps = eps
         ctx.set_materialize_grads(False)
         return grads
@@ -71,30 +76,34 @@ class _BatchNormTrainBackward(Function):
             raise RuntimeError("second_order_kernels supports derivatives up to second order through "
                                "train-mode BatchNorm; for a third derivative run the forward pass "
                                "outside it (PyTorch's own formulas)")
-        grad_out, x, weight, mean, invstd = ctx.saved_tensors
+        grad_out, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
         nd = x.dim()
         count = x.numel() // x.shape[1]
-        r, gamma = _channel(invstd, nd), _channel(weight, nd)
-        dtype = x.dtype  # full-size tensors stay in the activations' dtype (bf16 under autocast);
-        # per-channel sums and coefficients are float32+
-        xhat = (x - _channel(mean, nd).to(dtype)) * r.to(dtype)
-        a = _channel(_channel_sum(grad_out), nd) / count
-        b = _channel(_channel_sum(grad_out * xhat), nd) / count
+        wide = torch.promote_types(x.dtype, torch.float32)  # per-channel sums and coefficients
+        r, gamma, mu = (_channel(t.to(wide), nd) for t in (invstd, weight, mean))
+        dtype = x.dtype  # full-size tensors stay in the activations' dtype (bf16 under autocast)
+        a = _channel(sum_gy.to(wide), nd) / count
+        b = _channel(sum_gy_xhat.to(wide), nd) / count
         g_grad_out = g_x = g_weight = None
         if h_x is not None:
-            h1 = _channel(_channel_sum(h_x), nd)
-            hx = _channel(_channel_sum(h_x * xhat), nd)
-            hg = _channel(_channel_sum(h_x * grad_out), nd)
+            # one fused native pass gives d/d gy (the BatchNorm backward of h), Hx and H1 ...
+            g_grad_out, hx, h1 = _aten.native_batch_norm_backward(
+                h_x, x, weight, None, None, mean, invstd, True, ctx.eps,
+                [ctx.needs_input_grad[0], True, True])
+            # ... and another Hg = sum h gy (its "weight gradient" at mean 0, invstd 1)
+            hg = _aten.native_batch_norm_backward(
+                h_x, grad_out, None, None, None, torch.zeros_like(mean), torch.ones_like(invstd),
+                True, ctx.eps, [False, True, False])[1]
+            hx, h1, hg = (_channel(t.to(wide), nd) for t in (hx, h1, hg))
             k = hg - a * h1 - b * hx
-            # d/d gy is the BatchNorm backward of h (fused native kernel)
-            g_grad_out = _aten.native_batch_norm_backward(h_x, x, weight, None, None, mean, invstd,
-                                                          True, ctx.eps, [True, False, False])[0]
             g_weight = (r * k).flatten()
             coef = -(gamma * r * r) / count
-            g_x = torch.addcmul((coef * -(a * hx + b * h1)).to(dtype), xhat,
-                                (coef * (k - 2 * b * hx)).to(dtype))
+            x_coef = coef * (k - 2 * b * hx) * r  # of x in xh (K - 2 b Hx), xh = (x - mean) r
+            constant = coef * -(a * hx + b * h1) - x_coef * mu
+            g_x = torch.addcmul(constant.to(dtype), x, x_coef.to(dtype))
             g_x = g_x.addcmul_(grad_out, (coef * hx).to(dtype)).addcmul_(h_x, (coef * (count * b)).to(dtype))
         if h_weight is not None:  # gweight = sum gy xhat
+            xhat = (x - mu.to(dtype)) * r.to(dtype)
             hw = _channel(h_weight, nd)
             g_grad_out = hw * xhat if g_grad_out is None else g_grad_out + hw * xhat
             extra = (hw * r) * (grad_out - a - xhat * b)
@@ -135,48 +144,260 @@ class _BatchNormTrain(Function):
 
 
 class _GeluBackward(Function):
-    """(g, x) -> g * gelu'(x) (exact GELU), twice differentiable."""
+    """(g, x, d) -> g * d with ``d = gelu'(x)`` (exact GELU, computed once per layer without a
+    graph, see :class:`_Gelu`), twice differentiable: the total derivative w.r.t. x is
+    ``g gelu''(x)``."""
 
     @staticmethod
-    def forward(ctx, grad_out, x):
-        ctx.save_for_backward(grad_out, x)
-        return _aten.gelu_backward(grad_out, x)
+    def forward(ctx, grad_out, x, derivative):
+        ctx.save_for_backward(grad_out, x, derivative)
+        return grad_out * derivative
 
     @staticmethod
     def backward(ctx, h):
-        grad_out, x = ctx.saved_tensors
-        g_grad_out = _aten.gelu_backward(h, x) if ctx.needs_input_grad[0] else None
+        grad_out, x, derivative = ctx.saved_tensors
+        g_grad_out = None
+        if ctx.needs_input_grad[0]:  # a graph for a third derivative must see derivative(x)
+            g_grad_out = _aten.gelu_backward(h, x) if torch.is_grad_enabled() else h * derivative
         g_x = None
         if ctx.needs_input_grad[1]:
             sq = x * x
             g_x = (h * grad_out) * (torch.exp(sq * -0.5) * (2.0 - sq)) * _INV_SQRT_2PI
-        return g_grad_out, g_x
+        return g_grad_out, g_x, None
+
+
+def _gelu_derivative(x: torch.Tensor) -> torch.Tensor:
+    """``gelu'(x)`` (exact GELU) in x's dtype and layout, without a graph."""
+    with torch.no_grad():
+        return _aten.gelu_backward(torch.ones((), dtype=x.dtype, device=x.device).expand_as(x), x)
 
 
 class _Gelu(Function):
+    """Exact GELU (native kernel). When a graph is built in its backward, ``gelu'(x)`` is
+    computed once and kept: the first-order pass of the first backward, the one of the second
+    backward and the second-order pass are then a multiplication each, not a gelu_backward."""
+
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
+        ctx.derivative = None
         return _aten.gelu(x)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return _GeluBackward.apply(grad_out, x)
+            if ctx.derivative is None:
+                ctx.derivative = _gelu_derivative(x)
+            return _GeluBackward.apply(grad_out, x, ctx.derivative)
+        if ctx.derivative is not None:
+            return grad_out * ctx.derivative
         return _aten.gelu_backward(grad_out, x)
+
+
+def _gradient_edge(tensor: torch.Tensor | None):
+    """Where a gradient for ``tensor`` goes (None where it takes none); a non-leaf tensor (see
+    :func:`_not_a_leaf`), so that :func:`_will_be_used` can ask the engine about it."""
+    if tensor is None or not tensor.requires_grad:
+        return None
+    return torch.autograd.graph.get_gradient_edge(tensor)
+
+
+def _not_a_leaf(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A leaf that requires grad as a view of itself (the engine can tell whether a backward
+    pass will run a view's node, but not a leaf's during ``autograd.grad``)."""
+    if tensor is not None and tensor.requires_grad and tensor.grad_fn is None:
+        return tensor.view_as(tensor)
+    return tensor
+
+
+def _will_be_used(edge) -> bool:
+    """Whether the backward pass now running uses a gradient sent along ``edge`` (an input
+    gradient ``autograd.grad(loss, x)`` uses none of the weights')."""
+    return edge is not None and torch._C._will_engine_execute_node(edge.node)
+
+
+class _ConvolutionBackward(Function):
+    """(gy, x, weight) -> (gx, gweight, gbias) of a convolution, twice differentiable.
+
+    Every derivative is a convolution or a convolution's weight gradient (native kernels); the
+    weight gradient's derivative w.r.t. an upstream gradient ``h`` of gx is the weight gradient
+    of the convolution of ``h`` (PyTorch's own double backward takes it as a convolution with
+    the batch as channels, ~3x slower on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, params, mask):
+        ctx.save_for_backward(grad_out, x, weight)
+        ctx.params = params
+        ctx.set_materialize_grads(False)
+        return tuple(_aten.convolution_backward(grad_out, x, weight, *params, mask))
+
+    @staticmethod
+    def backward(ctx, h_x, h_weight, h_bias):
+        grad_out, x, weight = ctx.saved_tensors
+        _, stride, padding, dilation, transposed, output_padding, groups = ctx.params
+        need_grad_out, need_x, need_weight = ctx.needs_input_grad[:3]
+        g_grad_out = g_x = g_weight = None
+        if h_x is not None:  # gx = A(weight)^T gy: d/d gy = A h, d/d weight = weight grad at input h
+            if need_grad_out:
+                g_grad_out = _aten.convolution(h_x, weight, None, stride, padding, dilation,
+                                               transposed, output_padding, groups)
+            if need_weight:
+                g_weight = _aten.convolution_backward(grad_out, h_x, weight, *ctx.params,
+                                                      [False, True, False])[1]
+        if h_weight is not None:  # gweight bilinear in (x, gy)
+            if need_grad_out:
+                extra = _aten.convolution(x, h_weight, None, stride, padding, dilation,
+                                          transposed, output_padding, groups)
+                g_grad_out = extra if g_grad_out is None else g_grad_out + extra
+            if need_x:
+                g_x = _aten.convolution_backward(grad_out, x, h_weight, *ctx.params,
+                                                 [True, False, False])[0]
+        if h_bias is not None and need_grad_out:  # gbias = sum of gy over all but channels
+            hb = _channel(h_bias, grad_out.dim())
+            g_grad_out = hb.expand_as(grad_out) if g_grad_out is None else g_grad_out + hb
+        return _cast(g_grad_out, grad_out), _cast(g_x, x), _cast(g_weight, weight), None, None
+
+
+class _Convolution(Function):
+    """A convolution (native kernel) whose backward is :class:`_ConvolutionBackward` when a
+    graph is being built; it computes only the gradients the running backward pass uses."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        bias_sizes = None if bias is None else list(bias.shape)
+        ctx.params = (bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups)
+        ctx.save_for_backward(x, weight)
+        ctx.edges = [_gradient_edge(t) for t in (x, weight, bias)]
+        return _aten.convolution(x, weight, bias, stride, padding, dilation, False,
+                                 [0] * len(stride), groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            mask = [_will_be_used(edge) for edge in ctx.edges]
+            grads = _ConvolutionBackward.apply(grad_out, x, weight, ctx.params, mask)
+        else:
+            grads = _aten.convolution_backward(grad_out, x, weight, *ctx.params,
+                                               list(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None)
+
+
+_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def _convolution(func, args, kwargs):
+    """``F.conv{1,2,3}d`` through :class:`_Convolution`, with autocast's casts made outside it
+    (so they stay in the graph); ``None`` where the call is left to PyTorch (string padding)."""
+    b = dict(zip(_CONVOLUTION_ARGUMENTS, args, strict=False)) | kwargs
+    x, weight, bias = b["input"], b["weight"], b.get("bias")
+    if isinstance(b.get("padding", 0), str) or x.dim() != _CONVOLUTIONS[func] + 2:
+        return None
+    nd = _CONVOLUTIONS[func]
+
+    def ntuple(value) -> list[int]:
+        return list(value) * (nd if len(value) == 1 else 1) if isinstance(value, (tuple, list)) \
+            else [int(value)] * nd
+
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        x, weight, bias = (t if t is None or t.dtype == torch.float64 else t.to(dtype)
+                           for t in (x, weight, bias))
+    x, weight, bias = (_not_a_leaf(t) for t in (x, weight, bias))
+    with torch.autocast(device, enabled=False):
+        return _Convolution.apply(x, weight, bias, ntuple(b.get("stride", 1)),
+                                  ntuple(b.get("padding", 0)), ntuple(b.get("dilation", 1)),
+                                  int(b.get("groups", 1)))
+
+
+def _gather_windows(h: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``h`` (N, C, H, W) read at max pooling's ``indices`` (N, C, h, w; flat positions in H*W),
+    in ``indices``' layout (PyTorch's own gather returns NCHW, and every later element-wise
+    pass then mixes layouts)."""
+    n, c = h.shape[:2]
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        gathered = h.permute(0, 2, 3, 1).reshape(n, -1, c).gather(
+            1, indices.permute(0, 2, 3, 1).reshape(n, -1, c))
+        return gathered.view(n, *indices.shape[2:], c).permute(0, 3, 1, 2)
+    return h.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+
+
+class _MaxPool2dBackward(Function):
+    """gy -> gx of 2-d max pooling (a scatter at the window maxima), twice differentiable: its
+    derivative w.r.t. gy is a gather at the same positions, and it is constant in x."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, indices, params):
+        ctx.save_for_backward(indices)
+        return _aten.max_pool2d_with_indices_backward(grad_out, x, *params, indices)
+
+    @staticmethod
+    def backward(ctx, h):
+        (indices,) = ctx.saved_tensors
+        return _gather_windows(h, indices), None, None, None
+
+
+class _MaxPool2d(Function):
+    """2-d max pooling (native kernel) whose backward is :class:`_MaxPool2dBackward` when a
+    graph is being built."""
+
+    @staticmethod
+    def forward(ctx, x, params):
+        out, indices = _aten.max_pool2d_with_indices(x, *params)
+        ctx.save_for_backward(x, indices)
+        ctx.params = params
+        ctx.mark_non_differentiable(indices)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _MaxPool2dBackward.apply(grad_out, x, indices, ctx.params), None
+        return _aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.params, indices), None
+
+
+_MAX_POOL_ARGUMENTS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                       "return_indices")
+
+
+def _max_pool2d(args, kwargs):
+    """``F.max_pool2d`` through :class:`_MaxPool2d`; ``None`` where it is left to PyTorch."""
+    b = dict(zip(_MAX_POOL_ARGUMENTS, args, strict=False)) | kwargs
+    x = b["input"]
+    if b.get("return_indices", False) or x.dim() != 4:
+        return None
+
+    def pair(value) -> list[int]:
+        return list(value) * (2 if len(value) == 1 else 1) if isinstance(value, (tuple, list)) \
+            else [int(value)] * 2
+
+    kernel = pair(b["kernel_size"])
+    stride = pair(b["stride"]) if b.get("stride") not in (None, [], ()) else kernel
+    params = (kernel, stride, pair(b.get("padding", 0)), pair(b.get("dilation", 1)),
+              bool(b.get("ceil_mode", False)))
+    return _MaxPool2d.apply(x, params)
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 class second_order_kernels(TorchFunctionMode):
-    """Inside this context, train-mode ``F.batch_norm`` with affine parameters and exact
-    ``F.gelu`` use the hand-derived second-order passes of this module (see the module doc)."""
+    """Inside this context, train-mode ``F.batch_norm`` with affine parameters, exact ``F.gelu``
+    and ``F.conv{1,2,3}d`` use the hand-derived second-order passes of this module (see the
+    module doc)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm:
+        if func in _CONVOLUTIONS or func is F.max_pool2d:
+            out = (_convolution(func, args, kwargs) if func in _CONVOLUTIONS
+                   else _max_pool2d(args, kwargs))
+            if out is not None:
+                return out
+        elif func is F.batch_norm:
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             b = bound.arguments
