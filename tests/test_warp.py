@@ -1,5 +1,6 @@
 """The bilinear warp's exactness: zero flow is the identity bit for bit, whole-pixel flows shift
-exactly, fractional flows interpolate linearly, and it agrees with torch's grid_sample."""
+exactly, fractional flows interpolate linearly, it agrees with torch's grid_sample, and
+channels-last images give the same values in their own layout."""
 
 from __future__ import annotations
 
@@ -92,3 +93,20 @@ def test_warp_rejects_bad_shapes_and_padding(images):
         warp(images, torch.zeros(4, 2, 16, 16))
     with pytest.raises(GradshieldError, match="padding"):
         warp(images, torch.zeros(4, 2, 32, 32), padding="reflect")
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+def test_channels_last_images_give_the_same_values_and_flow_gradient_in_their_layout(padding):
+    gen = torch.Generator().manual_seed(11)
+    images = torch.rand(3, 3, 9, 7, generator=gen, dtype=torch.float64)
+    flow = (3 * torch.randn(3, 2, 9, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(3, 3, 9, 7, generator=gen, dtype=torch.float64)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        warped = warp(images.contiguous(memory_format=layout), flow, padding=padding)
+        assert warped.is_contiguous(memory_format=layout)
+        (grad,) = torch.autograd.grad((warped * weights).sum(), flow)
+        results.append((warped, grad))
+    (plain, plain_grad), (last, last_grad) = results
+    torch.testing.assert_close(last, plain, rtol=0, atol=0)
+    torch.testing.assert_close(last_grad, plain_grad, rtol=0, atol=0)

@@ -45,7 +45,8 @@ def identity_grid(height: int, width: int, *, dtype: torch.dtype = torch.float32
 
 
 def warp(images: torch.Tensor, flow: torch.Tensor, *, padding: str = "border") -> torch.Tensor:
-    """Sample ``images`` (N, C, H, W) at the identity grid plus ``flow`` (N, 2, H, W) pixels."""
+    """Sample ``images`` (N, C, H, W) at the identity grid plus ``flow`` (N, 2, H, W) pixels.
+    The result has ``images``' memory layout (channels-last stays channels-last)."""
     if padding not in PADDING_MODES:
         raise GradshieldError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
     n, c, h, w = images.shape
@@ -60,7 +61,7 @@ def warp(images: torch.Tensor, flow: torch.Tensor, *, padding: str = "border") -
     x0, y0 = px.detach().floor(), py.detach().floor()
     wx, wy = px - x0, py - y0  # in [0, 1); carries the gradient w.r.t. the flow
     x0, y0 = x0.long(), y0.long()
-    flat = images.reshape(n, c, h * w)
+    flat = images.reshape(n, c, h * w)  # NCHW (a channels-last gather is slower), then back
 
     def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
         inside = None
@@ -73,7 +74,14 @@ def warp(images: torch.Tensor, flow: torch.Tensor, *, padding: str = "border") -
     wx, wy = wx[:, None], wy[:, None]
     top = tap(y0, x0) * (1 - wx) + tap(y0, x0 + 1) * wx
     bottom = tap(y0 + 1, x0) * (1 - wx) + tap(y0 + 1, x0 + 1) * wx
-    return top * (1 - wy) + bottom * wy
+    return (top * (1 - wy) + bottom * wy).contiguous(memory_format=_layout(images))
+
+
+def _layout(images: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last (and not also NCHW-contiguous) 4-d tensor."""
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def forward_differences(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

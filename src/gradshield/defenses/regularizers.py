@@ -28,8 +28,8 @@ Two ways to differentiate the penalty w.r.t. the parameters (``method``):
 
 - ``"exact"``: double backpropagation (``create_graph=True``), as the paper's code. The forward
   pass runs under :class:`gradshield.defenses.second_order.second_order_kernels`, whose
-  second-order passes for train-mode BatchNorm and exact GELU are cheaper than PyTorch's and
-  mathematically identical.
+  second-order passes for convolutions, max pooling, train-mode BatchNorm and exact GELU are
+  cheaper than PyTorch's and mathematically identical.
 - ``"finite_difference"``: both penalties are ``P = mean_i ||A_i g_i||^2`` with ``g = dL/dx`` and
   ``A_i`` fixed by ``x_i`` (the identity for IGR, the forward differences for FGR), so
   ``dP/dtheta = 2 d/dh [dL(x + h U)/dtheta] at h = 0`` with ``U_i = A_i^T A_i g_i``: a
@@ -43,7 +43,8 @@ Two ways to differentiate the penalty w.r.t. the parameters (``method``):
   pooling (the compact net's default) real 8-bit images put exact ties in pooling windows, the
   input gradient jumps along any direction, and the finite difference is a smoothed gradient
   that differs from double backpropagation (cosine ~0.5-0.7) at every step size. Hence
-  ``"exact"`` is the default; ``"finite_difference"`` is a cheaper variant to validate per model.
+  ``"exact"`` is the default; ``"finite_difference"`` is a variant to validate per model (its
+  step now costs about what an exact one does on the compact net, `results/performance.md`).
 
 Relation to the paper's public code (xpf/Flow-Gradient-Regularization): it penalises
 ``mean_i ||d(mean_j l_j)/d v_i||^2 = mean_i ||d l_i/d v_i||^2 / B^2`` with B = 128, so its
@@ -116,7 +117,7 @@ def _squared_norm_mean(grad: torch.Tensor) -> torch.Tensor:
 
 def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                         second_order: bool = False) -> torch.Tensor:
-    """``second_order``: the losses will be differentiated twice (cheaper BatchNorm/GELU passes)."""
+    """``second_order``: the losses will be differentiated twice (gradshield's own passes)."""
     with second_order_kernels() if second_order else contextlib.nullcontext():
         return F.cross_entropy(_at_least_float32(model(x)), y, reduction="none")
 
@@ -262,11 +263,4 @@ def flow_random_start(x: torch.Tensor, sigma: float, generator: torch.Generator 
                              dtype=x.dtype, device=x.device).view(1, 2, 1, 1)
     else:
         scale = torch.full((1, 2, 1, 1), sigma, dtype=x.dtype, device=x.device)
-    warped = warp(x.detach(), noise * scale, padding=padding).clamp(0, 1).detach()
-    return warped.contiguous(memory_format=_memory_format(x))  # keep the caller's layout
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    return warp(x.detach(), noise * scale, padding=padding).clamp(0, 1).detach()  # x's layout
