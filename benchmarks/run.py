@@ -11,7 +11,8 @@ of the medians (the ratio of the minima is shown beside it). Items (``--only``):
   budget: gradshield skips clean-misclassified examples and drops fooled ones);
 - ``flow``: multi-step flow PGD against intensity PGD-Linf, 20 steps each;
 - ``training``: one training step per recipe of ``bench_training_step.recipes`` / a standard step;
-- ``gcm``: forward through ``conceal(model, at="front")`` / the bare forward (inference mode);
+- ``gcm``: forward through ``conceal(model, at="front")`` / the bare forward (inference mode), and
+  the GCM layer's own forward / the bare forward (the overhead, measured directly);
 - ``data``: one epoch of CIFAR-10 train batches as the training loop draws them, no model;
 - ``scaling``: PGD-Linf 10 steps and its ideal against batch size and image size.
 
@@ -24,7 +25,9 @@ already there. ``OUT/performance.notes.md`` (hand-written: why a target is misse
 is copied into the Markdown's "Notes on misses" on every run. Usage::
 
     .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--models compact,resnet18]
-        [--only ITEM,...] [--out results/] [--resume] [--memory]
+        [--only ITEM,...] [--out results/] [--resume [--redo]] [--memory]
+
+(``--resume --redo --only ITEM`` measures ITEM again and keeps every other section.)
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ QUICK = Config(repeats=1, batch={"compact": 16, "resnet18": 8}, train_batch={"co
                gcm_batch=16, queries=10, scaling_batches=(4, 8), scaling_sizes=(32, 64), scaling_size_batch=2)
 MODEL_ITEMS = {"compact": ("pgd_linf", "pgd_l2", "pgd_l1", "cw_l2", "square", "flow", "training", "gcm",
                            "scaling"),
-               "resnet18": ("pgd_linf", "training")}
+               "resnet18": ("pgd_linf", "training", "gcm")}
 RESNET_ROWS = ("overhead",)  # ResNet-18 is slow on 2 cores: the fair row only
 RESNET_RECIPES = ("standard", "igr", "fgr")
 GLOBAL_ITEMS = ("data",)  # no model
@@ -286,8 +289,11 @@ def item_gcm(s: Setup):
         with torch.inference_mode():
             model(x)
 
-    runs = {"bare": functools.partial(forward, s.model), "concealed": functools.partial(forward, concealed)}
-    return [Row("inference", runs, [("concealed", "bare", TARGET_GCM, "<=")],
+    # the layer alone: the concealed forward is this plus the bare one, so layer / bare is the
+    # overhead without the noise of a difference between two large times
+    runs = {"bare": functools.partial(forward, s.model), "concealed": functools.partial(forward, concealed),
+            "layer": functools.partial(forward, concealed.gcm)}
+    return [Row("inference", runs, [("concealed", "bare", TARGET_GCM, "<="), ("layer", "bare", None, "<=")],
                 {"batch": len(x), "at": "front"}, warmup=True, repeat_factor=GCM_REPEAT_FACTOR)]
 
 
@@ -555,6 +561,9 @@ def markdown(state, notes: str) -> str:
 
 
 def save(state, out: Path, notes: str) -> None:
+    held = {section.get("run") for section in state["sections"].values()}
+    # a command that now holds no section (all measured again since) is no longer a source
+    state["commands"] = [c for c in state["commands"] if not c.get("tagged") or c["started"] in held]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "performance.json.tmp"
     tmp.write_text(json.dumps(state, indent=1))
@@ -607,6 +616,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default=None, help=f"items, comma-separated: {', '.join(ITEMS)}")
     parser.add_argument("--out", default=str(REPO / "results"))
     parser.add_argument("--resume", action="store_true", help="keep the sections already in the JSON")
+    parser.add_argument("--redo", action="store_true",
+                        help="with --resume: measure the --only sections again, keep the others")
     parser.add_argument("--memory", action="store_true", help="also the peak memory of each thing compared")
     parser.add_argument("--batch", type=int, default=None, help="attack and training batch for all models")
     parser.add_argument("--checkpoint", default=None, help="compact checkpoint (default: the test fixture's)")
@@ -625,6 +636,8 @@ def main(argv=None) -> None:
         f"{a}/{i}" for a in MODEL_ITEMS for i in MODEL_ITEMS[a]})
     if unknown:
         parser.error(f"unknown model(s) or item(s): {sorted(unknown)}; items: {', '.join(ITEMS)}")
+    if args.redo and not (args.resume and args.only):
+        parser.error("--redo re-measures the --only sections of a --resume run; give both")
 
     out = Path(args.out)
     settings = {"config": repr(config), "checkpoint": args.checkpoint, "threads": torch.get_num_threads()}
@@ -637,14 +650,18 @@ def main(argv=None) -> None:
             sys.exit(f"--resume: {out / 'performance.json'} was made with other settings "
                      f"({state['settings']}); rerun without --resume or with the same flags")
     state["machine"] = machine()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
     state["commands"].append({"command": " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]),
-                              "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "started": started, "tagged": True,
                               "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg())})
     print(f"{state['machine']['cpu']}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{config.repeats} interleaved repeats; out: {out}")
     start = time.perf_counter()
     todo = sections(models, only)
-    for section in todo + ([f"memory/{s}" for s in todo if not s.endswith("scaling")] if args.memory else []):
+    todo += [f"memory/{s}" for s in todo if not s.endswith("scaling")] if args.memory else []
+    for section in todo if args.redo else ():
+        state["sections"].pop(section, None)
+    for section in todo:
         if section in state["sections"]:
             print(f"[{section}] already done (--resume)")
             continue
@@ -663,6 +680,7 @@ def main(argv=None) -> None:
                     print(f"  {row['row']:9s} {c['name']:28s} {c['value']:7.3f} "
                           f"(minima {c['value_min']:.3f}) target {fmt_target(c)}")
         state["sections"][section]["elapsed_s"] = time.perf_counter() - t0
+        state["sections"][section]["run"] = started  # the command that measured it
         save(state, out, notes)
         print(f"[{section}] {state['sections'][section]['elapsed_s']:.1f} s", flush=True)
     print(f"\ntotal {time.perf_counter() - start:.1f} s\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_run_quick_writes_json_and_markdown(tmp_path):
+def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--models", "compact",
                "--only", "gcm,square", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
@@ -27,3 +27,12 @@ def test_run_quick_writes_json_and_markdown(tmp_path):
                 assert math.isfinite(check["value"]) and check["value"] > 0
     markdown = (tmp_path / "performance.md").read_text()
     assert "## Notes on misses" in markdown and "compact/square" in markdown
+
+    # --resume --redo --only: that section is measured again, every other one is kept as it was
+    redo = [*command[:-4], "--only", "gcm", "--out", str(tmp_path), "--resume", "--redo"]
+    done = subprocess.run(redo, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp_path / "performance.json").read_text())
+    assert again["sections"]["compact/square"] == state["sections"]["compact/square"]
+    assert again["sections"]["compact/gcm"]["rows"] != state["sections"]["compact/gcm"]["rows"]
+    assert len(again["commands"]) == 2
