@@ -40,6 +40,7 @@ d/d gy gathers h there, and gx is constant in x.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -55,6 +56,18 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector (C,) as (1, C, 1, ...) to broadcast against an (N, C, ...) tensor."""
     return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _arguments(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+    """A functional call's arguments by name (positional ones named in order)."""
+    return dict(zip(names, args, strict=False)) | kwargs
+
+
+def _ints(value, n: int) -> list[int]:
+    """A size argument (an int, or a sequence of 1 or n ints) as a list of n ints."""
+    if isinstance(value, (tuple, list)):
+        return [int(v) for v in value] * (n if len(value) == 1 else 1)
+    return [int(value)] * n
 
 
 class _BatchNormTrainBackward(Function):
@@ -284,23 +297,16 @@ class _Convolution(Function):
         return (*grads, None, None, None, None)
 
 
-_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def _convolution(func, args, kwargs):
-    """``F.conv{1,2,3}d`` through :class:`_Convolution`, with autocast's casts made outside it
+def _convolution(nd: int, args: tuple, kwargs: dict):
+    """``F.conv{nd}d`` through :class:`_Convolution`, with autocast's casts made outside it
     (so they stay in the graph); ``None`` where the call is left to PyTorch (string padding)."""
-    b = dict(zip(_CONVOLUTION_ARGUMENTS, args, strict=False)) | kwargs
+    b = _arguments(_CONVOLUTION_ARGUMENTS, args, kwargs)
     x, weight, bias = b["input"], b["weight"], b.get("bias")
-    if isinstance(b.get("padding", 0), str) or x.dim() != _CONVOLUTIONS[func] + 2:
+    if isinstance(b.get("padding", 0), str) or x.dim() != nd + 2:
         return None
-    nd = _CONVOLUTIONS[func]
-
-    def ntuple(value) -> list[int]:
-        return list(value) * (nd if len(value) == 1 else 1) if isinstance(value, (tuple, list)) \
-            else [int(value)] * nd
-
     device = x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -308,8 +314,8 @@ def _convolution(func, args, kwargs):
                            for t in (x, weight, bias))
     x, weight, bias = (_not_a_leaf(t) for t in (x, weight, bias))
     with torch.autocast(device, enabled=False):
-        return _Convolution.apply(x, weight, bias, ntuple(b.get("stride", 1)),
-                                  ntuple(b.get("padding", 0)), ntuple(b.get("dilation", 1)),
+        return _Convolution.apply(x, weight, bias, _ints(b.get("stride", 1), nd),
+                                  _ints(b.get("padding", 0), nd), _ints(b.get("dilation", 1), nd),
                                   int(b.get("groups", 1)))
 
 
@@ -364,20 +370,15 @@ _MAX_POOL_ARGUMENTS = ("input", "kernel_size", "stride", "padding", "dilation", 
                        "return_indices")
 
 
-def _max_pool2d(args, kwargs):
+def _max_pool2d(args: tuple, kwargs: dict):
     """``F.max_pool2d`` through :class:`_MaxPool2d`; ``None`` where it is left to PyTorch."""
-    b = dict(zip(_MAX_POOL_ARGUMENTS, args, strict=False)) | kwargs
+    b = _arguments(_MAX_POOL_ARGUMENTS, args, kwargs)
     x = b["input"]
     if b.get("return_indices", False) or x.dim() != 4:
         return None
-
-    def pair(value) -> list[int]:
-        return list(value) * (2 if len(value) == 1 else 1) if isinstance(value, (tuple, list)) \
-            else [int(value)] * 2
-
-    kernel = pair(b["kernel_size"])
-    stride = pair(b["stride"]) if b.get("stride") not in (None, [], ()) else kernel
-    params = (kernel, stride, pair(b.get("padding", 0)), pair(b.get("dilation", 1)),
+    kernel = _ints(b["kernel_size"], 2)
+    stride = _ints(b["stride"], 2) if b.get("stride") not in (None, [], ()) else kernel
+    params = (kernel, stride, _ints(b.get("padding", 0), 2), _ints(b.get("dilation", 1), 2),
               bool(b.get("ceil_mode", False)))
     return _MaxPool2d.apply(x, params)
 
@@ -385,27 +386,38 @@ def _max_pool2d(args, kwargs):
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
+def _batch_norm(args: tuple, kwargs: dict):
+    """Train-mode affine ``F.batch_norm`` through :class:`_BatchNormTrain`; else ``None``."""
+    bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    b = bound.arguments
+    if not (b["training"] and b["weight"] is not None and b["bias"] is not None
+            and b["momentum"] is not None and b["input"].dim() >= 2):
+        return None
+    return _BatchNormTrain.apply(b["input"], b["weight"], b["bias"], b["running_mean"],
+                                 b["running_var"], b["momentum"], b["eps"])
+
+
+def _gelu(args: tuple, kwargs: dict):
+    """Exact ``F.gelu`` through :class:`_Gelu`; ``None`` for the tanh approximation."""
+    if kwargs.get("approximate", "none") != "none" or len(args) != 1:
+        return None
+    return _Gelu.apply(args[0])
+
+
+#: The functional calls given passes of their own; each returns None to leave a call to PyTorch.
+_REROUTED = {F.conv1d: functools.partial(_convolution, 1), F.conv2d: functools.partial(_convolution, 2),
+             F.conv3d: functools.partial(_convolution, 3), F.max_pool2d: _max_pool2d,
+             F.batch_norm: _batch_norm, F.gelu: _gelu}
+
+
 class second_order_kernels(TorchFunctionMode):
-    """Inside this context, train-mode ``F.batch_norm`` with affine parameters, exact ``F.gelu``
-    and ``F.conv{1,2,3}d`` use the hand-derived second-order passes of this module (see the
-    module doc)."""
+    """Inside this context, ``F.conv{1,2,3}d``, ``F.max_pool2d``, train-mode ``F.batch_norm``
+    with affine parameters and exact ``F.gelu`` use the hand-derived second-order passes of this
+    module (see the module doc)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONVOLUTIONS or func is F.max_pool2d:
-            out = (_convolution(func, args, kwargs) if func in _CONVOLUTIONS
-                   else _max_pool2d(args, kwargs))
-            if out is not None:
-                return out
-        elif func is F.batch_norm:
-            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
-            bound.apply_defaults()
-            b = bound.arguments
-            if (b["training"] and b["weight"] is not None and b["bias"] is not None
-                    and b["momentum"] is not None and b["input"].dim() >= 2):
-                return _BatchNormTrain.apply(b["input"], b["weight"], b["bias"], b["running_mean"],
-                                             b["running_var"], b["momentum"], b["eps"])
-        elif func is F.gelu and kwargs.get("approximate", "none") == "none" and len(args) == 1:
-            return _Gelu.apply(args[0])
-        return func(*args, **kwargs)
-
+        route = _REROUTED.get(func)
+        out = None if route is None else route(args, kwargs)
+        return func(*args, **kwargs) if out is None else out
