@@ -108,14 +108,26 @@ def ideal_forward(model, x, passes):
             model(x)
 
 
-def time_interleaved(runs: dict[str, Callable], repeats: int) -> tuple[dict[str, list[float]], dict]:
+def time_interleaved(runs: dict[str, Callable], repeats: int, device: torch.device | None = None
+                     ) -> tuple[dict[str, list[float]], dict]:
     """Run each callable ``repeats`` times, round-robin (a load change on a shared machine hits all
-    alike); returns the seconds per call of each and each one's last output."""
+    alike); returns the seconds per call of each and each one's last output. On a CUDA
+    ``device`` the seconds come from CUDA events recorded around each call (the GPU's own time,
+    waited for before the next call); elsewhere from the wall clock."""
+    cuda = device is not None and device.type == "cuda"
     times = {key: [] for key in runs}
     outputs = {}
     for _ in range(repeats):
         for key, run in runs.items():
-            start = time.perf_counter()
-            outputs[key] = run()
-            times[key].append(time.perf_counter() - start)
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                outputs[key] = run()
+                end.record()
+                end.synchronize()
+                times[key].append(start.elapsed_time(end) / 1000)  # ms -> s
+            else:
+                start_s = time.perf_counter()
+                outputs[key] = run()
+                times[key].append(time.perf_counter() - start_s)
     return times, outputs

@@ -42,7 +42,7 @@ def recipes(k: int) -> dict:
 def time_step(model, optimizer, recipe, x, y, bf16: bool) -> float:
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = recipe(model, x, y, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

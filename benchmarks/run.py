@@ -20,8 +20,10 @@ All on the compact model; ResNet-18 (slow on 2 cores) gets ``pgd_linf`` (the ``o
 ``training`` (standard, IGR, FGR).
 
 ``--memory`` adds the peak memory of each thing compared (the ``overhead`` row), each run once in
-a fresh subprocess. Each section is saved to the JSON when it finishes; ``--resume`` skips those
-already there. ``OUT/performance.notes.md`` (hand-written: why a target is missed, what was tried)
+a fresh subprocess. ``--device cuda`` runs the model items on the GPU (CUDA-event timing, device
+memory); not yet run on a GPU: no GPU was lent to the session that wrote it. Each section is
+saved to the JSON when it finishes; ``--resume`` skips those already there.
+``OUT/performance.notes.md`` (hand-written: why a target is missed, what was tried)
 is copied into the Markdown's "Notes on misses" on every run. Usage::
 
     .venv/bin/python benchmarks/run.py [--quick] [--repeats N] [--models compact,resnet18]
@@ -56,7 +58,7 @@ from torch.nn import functional as F
 
 from _common import cpu_name, dataset, ideal, ideal_forward, images, load, time_interleaved
 from gradshield.attacks import AttackResult, cw_l2, flow_pgd, pgd, square
-from gradshield.training import TrainConfig, bf16_is_fast
+from gradshield.training import TrainConfig, bf16_is_fast, use_bf16
 from gradshield.warp import normalized_to_pixels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +91,7 @@ class Config:
     scaling_batches: tuple = (32, 64, 128, 256)
     scaling_sizes: tuple = (32, 64, 224)
     scaling_size_batch: int = 8
+    device: str = "cpu"  # "cuda": timed with CUDA events, GPU memory from the caching allocator
 
 
 QUICK = Config(repeats=1, batch={"compact": 16, "resnet18": 8}, train_batch={"compact": 16, "resnet18": 8},
@@ -122,9 +125,14 @@ class Setup:
     description: str
     config: Config
 
+    def images(self, n: int, split: str = "test"):
+        """``images(n, split)`` on the benchmark's device."""
+        x, y = images(n, split)
+        return x.to(self.config.device), y.to(self.config.device)
+
     @functools.cached_property
     def attack_batch(self):
-        x, y = images(self.config.batch[self.arch])
+        x, y = self.images(self.config.batch[self.arch])
         return x, y, predictions(self.model, x)
 
 
@@ -170,7 +178,7 @@ def item_pgd_l2(s: Setup):
     import foolbox
 
     x = s.attack_batch[0]
-    fmodel = foolbox.PyTorchModel(s.model, bounds=(0, 1))
+    fmodel = foolbox.PyTorchModel(s.model, bounds=(0, 1), device=x.device)
 
     def peer(eps, y):
         attack = foolbox.attacks.L2PGD(abs_stepsize=2.5 * eps / STEPS, steps=STEPS, random_start=False)
@@ -188,12 +196,13 @@ def item_pgd_l1(s: Setup):
 
     x = s.attack_batch[0]
     classifier = PyTorchClassifier(s.model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
-                                   nb_classes=10, clip_values=(0.0, 1.0))
+                                   nb_classes=10, clip_values=(0.0, 1.0),
+                                   device_type="gpu" if x.device.type == "cuda" else "cpu")
 
     def peer(eps, y):
         attack = ProjectedGradientDescent(classifier, norm=1, eps=eps, eps_step=2.5 * eps / STEPS,
                                           max_iter=STEPS, num_random_init=0, batch_size=len(y), verbose=False)
-        return lambda: attack.generate(x.numpy(), y=y.numpy())
+        return lambda: attack.generate(x.cpu().numpy(), y=y.cpu().numpy())  # ART takes NumPy
 
     def ours(eps, y):  # l1_top_k=1: ART's L1 step (one coordinate per step)
         return lambda: pgd(s.model, x, y, eps=eps, norm="l1", steps=STEPS, l1_top_k=1)
@@ -266,11 +275,11 @@ def training_target(name: str):
 def item_training(s: Setup):
     from bench_training_step import recipes, time_step
 
-    x, y = images(s.config.train_batch[s.arch], split="train")
+    x, y = s.images(s.config.train_batch[s.arch], split="train")
     x = x.contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(s.model).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)  # tiny lr: stay put
-    bf16 = bf16_is_fast()  # the training loop's default precision on this CPU
+    bf16 = use_bf16(TrainConfig(), x.device)  # the training loop's default precision here
     table = {name: recipe for name, recipe in recipes(TRAIN_STEPS).items()
              if s.arch == "compact" or name in RESNET_RECIPES}
     runs = {name: functools.partial(time_step, model, optimizer, recipe, x, y, bf16)
@@ -282,7 +291,7 @@ def item_training(s: Setup):
 def item_gcm(s: Setup):
     from gradshield.defenses import conceal
 
-    x, _ = images(s.config.gcm_batch)
+    x, _ = s.images(s.config.gcm_batch)
     concealed = conceal(s.model, at="front")
 
     def forward(model):
@@ -320,7 +329,7 @@ def item_scaling(s: Setup):
     points = [(b, 32) for b in c.scaling_batches] + [(c.scaling_size_batch, px) for px in c.scaling_sizes]
     runs = {}
     for b, px in dict.fromkeys(points):
-        x = images(b)[0]
+        x = s.images(b)[0]
         if px != x.shape[-1]:
             x = F.interpolate(x, size=(px, px), mode="bilinear", align_corners=False).clamp(0, 1)
         y = predictions(s.model, x)
@@ -336,11 +345,11 @@ ITEMS = {name[5:]: fn for name, fn in globals().items() if name.startswith("item
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(row: Row, repeats: int) -> dict:
+def measure(row: Row, repeats: int, device: str = "cpu") -> dict:
     if row.warmup:
         for run in row.runs.values():
             run()
-    times, outputs = time_interleaved(row.runs, repeats * row.repeat_factor)
+    times, outputs = time_interleaved(row.runs, repeats * row.repeat_factor, torch.device(device))
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     checks = []
@@ -373,6 +382,16 @@ def memory_child(section: str, thing: str, config: Config, checkpoint) -> None:
     before it. The peak is reset first through /proc/self/clear_refs where the kernel allows."""
     row = build(section, config, checkpoint, warm=False)[0]
     gc.collect()
+    if config.device.startswith("cuda"):  # device memory, from the caching allocator's counters
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+        row.runs[thing]()
+        torch.cuda.synchronize()
+        top = torch.cuda.max_memory_allocated() / 2**20
+        print(json.dumps({"baseline_mib": base, "peak_mib": top, "extra_mib": top - base,
+                          "method": "CUDA max_memory_allocated"}))
+        return
     base = rss_mib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -390,7 +409,7 @@ _SETUPS: dict[str, Setup] = {}
 def model_setup(arch: str, config: Config, checkpoint, warm: bool = True) -> Setup:
     if arch not in _SETUPS:
         model, description = load(checkpoint if arch == "compact" else None, arch)
-        _SETUPS[arch] = s = Setup(arch, model, description, config)
+        _SETUPS[arch] = s = Setup(arch, model.to(config.device), description, config)
         if warm:
             ideal(model, s.attack_batch[0], s.attack_batch[2], steps=2)
     return _SETUPS[arch]
@@ -403,7 +422,7 @@ def build(section: str, config: Config, checkpoint, warm: bool = True) -> list[R
 
 # ----------------------------------------------------------------------------- reporting
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     cpu = cpu_name()
     peers = {}
     for package in PEERS:
@@ -414,7 +433,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_autocast": bf16_is_fast(),
-            "peers": peers}
+            "peers": peers, "device": device,
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None}
 
 
 def fmt_target(check) -> str:
@@ -507,6 +527,8 @@ def markdown(state, notes: str) -> str:
               f"- CPU: {m['cpu']}, {m['cores']} cores; torch {m['torch']} with {m['torch_threads']} threads "
               f"(CPU capability {m['cpu_capability']}; bf16 autocast in training: {m['bf16_autocast']}); "
               f"Python {m['python']}",
+              *([f"- device: {m['device']} ({m['gpu']}); times from CUDA events, memory from "
+                 "torch.cuda.max_memory_allocated"] if m.get("gpu") else []),
               f"- peers: {peers}",
               "- shared machine: other processes ran at the same time (load averages above)", "",
               "## Method", "",
@@ -597,6 +619,7 @@ def child_flags(args) -> list[str]:
     flags = ["--quick"] if args.quick else []
     flags += ["--threads", str(args.threads)] if args.threads else []
     flags += ["--batch", str(args.batch)] if args.batch else []
+    flags += ["--device", args.device]
     return flags + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
 
 
@@ -605,6 +628,7 @@ def make_config(args) -> Config:
     if args.batch:
         config = replace(config, batch=dict.fromkeys(config.batch, args.batch),
                          train_batch=dict.fromkeys(config.train_batch, args.batch))
+    config = replace(config, device=args.device)
     return replace(config, repeats=args.repeats) if args.repeats else config
 
 
@@ -622,8 +646,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=None, help="attack and training batch for all models")
     parser.add_argument("--checkpoint", default=None, help="compact checkpoint (default: the test fixture's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda[:N]: the attacks, GCM and training steps there, timed with CUDA "
+                             "events (record the table separately: --out results/gpu)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: only cpu and cuda[:N] are supported, and CUDA is "
+                     f"available here: {torch.cuda.is_available()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = make_config(args)
@@ -649,7 +679,7 @@ def main(argv=None) -> None:
         if state["settings"] != settings:
             sys.exit(f"--resume: {out / 'performance.json'} was made with other settings "
                      f"({state['settings']}); rerun without --resume or with the same flags")
-    state["machine"] = machine()
+    state["machine"] = machine(config.device)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     state["commands"].append({"command": " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]),
                               "started": started, "tagged": True,
@@ -671,7 +701,8 @@ def main(argv=None) -> None:
             run_memory(section.removeprefix("memory/"), config, args, state)
         else:
             rows = build(section, config, args.checkpoint)
-            result = {"rows": [measure(row, config.repeats) for row in rows], "data": dataset()[2]}
+            result = {"rows": [measure(row, config.repeats, config.device) for row in rows],
+                      "data": dataset()[2]}
             if "/" in section:
                 result["model"] = model_setup(section.partition("/")[0], config, args.checkpoint).description
             state["sections"][section] = result

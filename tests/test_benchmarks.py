@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,13 @@ def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
     assert again["sections"]["compact/square"] == state["sections"]["compact/square"]
     assert again["sections"]["compact/gcm"]["rows"] != state["sections"]["compact/gcm"]["rows"]
     assert len(again["commands"]) == 2
+
+
+def test_an_unavailable_device_is_a_clear_error(tmp_path):
+    device = "cuda" if not torch.cuda.is_available() else "tpu"
+    command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--device", device,
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert done.returncode == 2
+    assert f"--device {device}" in done.stderr and "CUDA is available here" in done.stderr
+    assert not (tmp_path / "performance.json").exists()
