@@ -10,6 +10,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
@@ -333,3 +335,35 @@ def test_a_third_derivative_through_batchnorm_fails_loudly_instead_of_silently_w
     torch.autograd.grad(gx.pow(2).sum(), x)  # second order: fine
     with pytest.raises(RuntimeError, match="second order"):
         torch.autograd.grad(gx.pow(2).sum(), x, create_graph=True)  # would allow a third
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2),
+       dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), bias=st.booleans(),
+       pool=st.booleans(), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_convolution_and_pooling_gets_the_native_double_backward(kernel, stride, padding, dilation,
+                                                                     groups, bias, pool, channels_last,
+                                                                     seed):
+    """Random convolution settings, with or without max pooling, in either layout: the penalty's
+    parameter gradient equals PyTorch's own double backward (float64)."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        bias=bias), nn.Tanh()]
+    layers += [nn.MaxPool2d(2, ceil_mode=True)] if pool else []
+    model = nn.Sequential(*layers, nn.Conv2d(6, 3, 1, bias=bias), nn.Flatten()).double()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64).contiguous(memory_format=layout)
+
+    def parameter_gradient(use_ours):
+        model.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        with second_order_kernels() if use_ours else contextlib.nullcontext():
+            out = model(xx)
+        loss = (out.sin() * out).sum()
+        (g,) = torch.autograd.grad(loss, xx, create_graph=True)
+        (loss + g.pow(2).sum()).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(parameter_gradient(True), parameter_gradient(False),
+                               rtol=1e-9, atol=1e-11)
