@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _common import images
+from bench_training_step import time_step
 from gradshield.defenses.recipes import make_recipe
 from gradshield.models import create_model
 from gradshield.training import bf16_is_fast
@@ -59,15 +61,8 @@ def main(argv=None) -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     model = create_model(args.model).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)  # tiny lr: stay put
-    recipe, bf16 = make_recipe(args.recipe), bf16_is_fast()
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = recipe(model, x, y, torch.Generator().manual_seed(0))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    bf16 = bf16_is_fast()  # the training loop's default on this CPU
+    step = functools.partial(time_step, model, optimizer, make_recipe(args.recipe), x, y, bf16)
     step()
     step()  # warm-up: allocator, oneDNN kernels
     timer = OperationTimer()
