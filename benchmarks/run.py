@@ -378,26 +378,26 @@ def rss_mib(key: str) -> float:
 
 
 def memory_child(section: str, thing: str, config: Config, checkpoint) -> None:
-    """Run one thing once (after model, data and attack set-up) and print its peak RSS over the RSS
-    before it. The peak is reset first through /proc/self/clear_refs where the kernel allows."""
+    """Run one thing once (after model, data and attack set-up) and print its peak memory over the
+    memory before it: RSS on the CPU (the peak reset first through /proc/self/clear_refs where the
+    kernel allows), the caching allocator's counters on a CUDA device."""
     row = build(section, config, checkpoint, warm=False)[0]
     gc.collect()
     if config.device.startswith("cuda"):  # device memory, from the caching allocator's counters
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-        row.runs[thing]()
-        torch.cuda.synchronize()
-        top = torch.cuda.max_memory_allocated() / 2**20
-        print(json.dumps({"baseline_mib": base, "peak_mib": top, "extra_mib": top - base,
-                          "method": "CUDA max_memory_allocated"}))
-        return
-    base = rss_mib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        method, peak = "VmHWM reset", lambda: rss_mib("VmHWM")
-    except OSError:
-        method, peak = "ru_maxrss", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        base, method = torch.cuda.memory_allocated() / 2**20, "CUDA max_memory_allocated"
+
+        def peak():
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+    else:
+        base = rss_mib("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            method, peak = "VmHWM reset", lambda: rss_mib("VmHWM")
+        except OSError:
+            method, peak = "ru_maxrss", lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row.runs[thing]()
     top = peak()
     print(json.dumps({"baseline_mib": base, "peak_mib": top, "extra_mib": top - base, "method": method}))

@@ -282,8 +282,7 @@ class _Convolution(Function):
         ctx.params = (bias_sizes, stride, padding, dilation, False, [0] * len(stride), groups)
         ctx.save_for_backward(x, weight)
         ctx.edges = [_gradient_edge(t) for t in (x, weight, bias)]
-        return _aten.convolution(x, weight, bias, stride, padding, dilation, False,
-                                 [0] * len(stride), groups)
+        return _aten.convolution(x, weight, bias, *ctx.params[1:])  # stride ... groups
 
     @staticmethod
     def backward(ctx, grad_out):
