@@ -11,8 +11,9 @@ of the medians (the ratio of the minima is shown beside it). Items (``--only``):
   budget: gradshield skips clean-misclassified examples and drops fooled ones);
 - ``flow``: multi-step flow PGD against intensity PGD-Linf, 20 steps each;
 - ``training``: one training step per recipe of ``bench_training_step.recipes`` / a standard step;
-- ``gcm``: forward through ``conceal(model, at="front")`` / the bare forward (inference mode), and
-  the GCM layer's own forward / the bare forward (the overhead, measured directly);
+- ``gcm``: forward through ``conceal(model, at="front")`` / the bare forward of the same weights
+  (inference mode), and the GCM layer's own forward / the bare forward (the overhead, measured
+  directly; fused kernel and torch formula), and an input gradient through each;
 - ``data``: one epoch of CIFAR-10 train batches as the training loop draws them, no model;
 - ``scaling``: PGD-Linf 10 steps and its ideal against batch size and image size.
 
@@ -305,13 +306,16 @@ def item_gcm(s: Setup):
 
     # the layer alone: the concealed forward is this plus the bare one, so layer / bare is the
     # overhead without the noise of a difference between two large times
-    runs = {"bare": functools.partial(forward, s.model), "concealed": functools.partial(forward, concealed),
+    # bare: the concealed model's own copy of the network (conceal() deep-copies), so both sides
+    # run the very same weight tensors and only GCM differs
+    runs = {"bare": functools.partial(forward, concealed.model),
+            "concealed": functools.partial(forward, concealed),
             "layer": functools.partial(forward, concealed.gcm),
             "layer_torch": functools.partial(forward, formula.gcm)}
     checks = [("concealed", "bare", TARGET_GCM, "<="), ("layer", "bare", TARGET_GCM - 1, "<="),
               ("layer_torch", "bare", None, "<="), ("layer", "layer_torch", None, "<=")]
     gradient_runs = {name: functools.partial(input_gradient, model) for name, model in
-                     (("bare", s.model), ("concealed", concealed), ("concealed_torch", formula))}
+                     (("bare", concealed.model), ("concealed", concealed), ("concealed_torch", formula))}
     gradient_checks = [("concealed", "bare", None, "<="), ("concealed_torch", "bare", None, "<=")]
     kernel = "fused" if gcm_kernel.supports(x) else f"torch ({gcm_kernel.unavailable_reason() or 'device'})"
     info = {"batch": len(x), "at": "front", "kernel": kernel}
