@@ -168,3 +168,16 @@ def test_a_compiler_without_openmp_builds_a_single_threaded_library(tmp_path, mo
     exact = torch.from_numpy(np.sin((x * 1e20).double().numpy()))  # sine of the float32 product
     reference = x + 1e-8 * exact.float()  # the layer's float32 steps with a correctly rounded sine
     assert torch.equal(out, reference)
+
+
+@needs_kernel
+def test_functorch_transforms_compile_and_export_see_the_torch_formula():
+    x = torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    fused, plain = GradientConcealment(kernel="fused"), GradientConcealment(kernel="torch")
+    assert torch.equal(torch.func.vmap(fused)(x), torch.func.vmap(plain)(x))
+    jacobian = torch.func.jacrev(lambda z: fused(z).sum())(x[0])
+    assert torch.equal(jacobian, torch.func.jacrev(lambda z: plain(z).sum())(x[0]))
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)  # dynamo traces, no C call
+    assert torch.equal(compiled(x), plain(x))
+    exported = torch.export.export(fused, (x,)).module()
+    assert torch.equal(exported(x), plain(x))

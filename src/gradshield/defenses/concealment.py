@@ -83,6 +83,13 @@ class _FusedConcealment(torch.autograd.Function):
         return gcm_kernel.backward(z, grad, ctx.w, ctx.eps), None, None
 
 
+def _traced() -> bool:
+    """Whether torch.compile/export, TorchScript tracing or a torch.func transform (vmap, grad,
+    jacrev) is looking at the operations: they need PyTorch operations, not an opaque C call."""
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active())
+
+
 class GradientConcealment(nn.Module):
     """``x + eps * sin(w * x)``, computed in float32 (or float64 for float64 input).
 
@@ -100,7 +107,8 @@ class GradientConcealment(nn.Module):
     range reduction; about 3x faster; an error if it cannot be built here). ``"auto"`` (default):
     fused where it can be built, else torch. The two agree to an ulp of the sine (0.5 ulp fused,
     0.6 ulp torch from the exact sine), which is ``eps`` times smaller in the output. Other
-    devices and dtypes always use the torch formula.
+    devices and dtypes, and code seen by ``torch.compile``, ``torch.jit.trace`` or ``torch.func``
+    transforms, always use the torch formula (those need PyTorch operations).
     """
 
     def __init__(self, w: float = 1e20, eps: float = 1e-8, kernel: str = "auto") -> None:
@@ -133,7 +141,7 @@ class GradientConcealment(nn.Module):
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = x.to(compute)
-            if self.kernel != "torch" and gcm_kernel.supports(z):
+            if self.kernel != "torch" and not _traced() and gcm_kernel.supports(z):
                 out = _FusedConcealment.apply(z, self.w, self.eps)
             else:
                 out = z + self.eps * torch.sin(z * self.w)
