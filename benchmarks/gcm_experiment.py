@@ -40,6 +40,7 @@ import torch
 from gradshield.attacks import bpda, fgsm, pgd, transfer_attack
 from gradshield.checkpoint import load_model
 from gradshield.data import load_dataset, sha256_file
+from gradshield.defenses import gcm_kernel
 from gradshield.defenses.concealment import ConcealmentWarning, GradientConcealment, conceal
 from gradshield.diagnostics import (
     BPDA,
@@ -487,7 +488,9 @@ def write_report(exp: Experiment, elapsed: float) -> None:
         "test set (bundled archive), float32 in [0, 1].")
     add(f"- **Model**: {exp.model_desc} (sha256 {exp.settings['checkpoint_sha256'][:16]}..., "
         f"\"vanilla\"); GCM models are `conceal(vanilla, at=...)` "
-        "with w = 1e20, eps = 1e-8 unless stated.")
+        "with w = 1e20, eps = 1e-8 unless stated, and the default `kernel=\"auto\"` (the fused "
+        "CPU kernel where it builds, else the torch formula; on the machine that wrote this file: "
+        f"{'fused' if gcm_kernel.library() is not None else 'torch formula'}).")
     if exp.train_command:
         add(f"- **Vanilla model trained by** `{exp.train_command}` (recorded in the checkpoint; "
             "its accuracy curve: `results/training-cifar10.md`).")
