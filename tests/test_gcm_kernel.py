@@ -125,6 +125,14 @@ def test_layout_and_sizes_and_thread_splits_do_not_change_values():
 
 
 @needs_kernel
+def test_kernel_functions_refuse_other_dtypes():
+    with pytest.raises(GradshieldError, match="float32 CPU tensors"):
+        gcm_kernel.forward(torch.rand(10, dtype=torch.float64), 1e20, 1e-8)
+    with pytest.raises(GradshieldError, match="float32 CPU tensors"):
+        gcm_kernel.backward(torch.rand(10), torch.rand(10, dtype=torch.float16), 1e20, 1e-8)
+
+
+@needs_kernel
 def test_concealed_model_uses_the_kernel_and_keeps_predictions(test_batch, trained_model):
     x = test_batch[0][:256]
     fused, plain = conceal(trained_model, kernel="fused"), conceal(trained_model, kernel="torch")
@@ -141,6 +149,8 @@ def test_without_a_compiler_auto_falls_back_and_fused_says_why(monkeypatch):
         GradientConcealment(kernel="fused")
     with pytest.raises(GradshieldError, match="kernel must be one of"):
         GradientConcealment(kernel="fast")
+    with pytest.raises(GradshieldError, match="not available here"):
+        gcm_kernel.forward(x, 1e20, 1e-8)
 
 
 def test_build_is_cached_by_content(tmp_path):

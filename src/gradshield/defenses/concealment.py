@@ -104,7 +104,7 @@ class GradientConcealment(nn.Module):
 
     ``kernel``: how float32 CPU tensors are computed. ``"torch"``: PyTorch's formula.
     ``"fused"``: :mod:`~gradshield.defenses.gcm_kernel` (one pass forward and backward, exact
-    range reduction; about 3x faster; an error if it cannot be built here). ``"auto"`` (default):
+    range reduction; about 2.5x faster; an error if it cannot be built here). ``"auto"`` (default):
     fused where it can be built, else torch. The two agree to an ulp of the sine (0.5 ulp fused,
     0.6 ulp torch from the exact sine), which is ``eps`` times smaller in the output. Other
     devices and dtypes, and code seen by ``torch.compile``, ``torch.jit.trace`` or ``torch.func``

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from gradshield.errors import GradshieldError
 from gradshield.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("gcm_kernel.c")
@@ -168,6 +169,12 @@ def supports(x: torch.Tensor) -> bool:
 
 def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors, dense and all in the first one's layout (channels-last kept, else contiguous)."""
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise GradshieldError(f"the GCM kernel takes float32 CPU tensors, got {t.dtype} on "
+                                  f"{t.device}; use the torch formula (kernel='torch') for others")
+    if library() is None:
+        raise GradshieldError(f"the GCM kernel is not available here: {unavailable_reason()}")
     first = tensors[0]
     layout = (torch.channels_last if first.dim() == 4 and not first.is_contiguous()
               and first.is_contiguous(memory_format=torch.channels_last)
