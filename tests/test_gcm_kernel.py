@@ -170,7 +170,13 @@ def test_a_compiler_without_openmp_builds_a_single_threaded_library(tmp_path, mo
     if compiler is None:
         pytest.skip("no C compiler")
     monkeypatch.setattr(gcm_kernel, "OPENMP_FLAG", "-fno-such-openmp-flag")
-    lib = gcm_kernel.declare(ctypes.CDLL(str(gcm_kernel._build(compiler, tmp_path))))
+    path = gcm_kernel._build(compiler, tmp_path)
+    run, commands = gcm_kernel.subprocess.run, []
+    monkeypatch.setattr(gcm_kernel.subprocess, "run",
+                        lambda command, **kw: commands.append(command) or run(command, **kw))
+    assert gcm_kernel._build(compiler, tmp_path) == path
+    assert commands == [[compiler, "--version"]]  # the failing OpenMP build is not retried
+    lib = gcm_kernel.declare(ctypes.CDLL(str(path)))
     x = torch.rand(10_000, generator=torch.Generator().manual_seed(2))
     out = torch.empty_like(x)
     lib.gcm_forward(x.data_ptr(), out.data_ptr(), x.numel(), 1e20, 1e-8,

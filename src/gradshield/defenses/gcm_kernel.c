@@ -66,6 +66,11 @@ static inline double sine_of_turns(double r, int64_t quarter) {
     return (k & 2) ? -value : value;
 }
 
+/* sin(v + quarter pi/2) rounded to float32 */
+static inline float sine_f32(float v, const double *table, int64_t quarter) {
+    return (float)sine_of_turns(reduce_turns(v, table), quarter);
+}
+
 enum op { OP_FORWARD, OP_BACKWARD, OP_SINE };
 
 struct job {
@@ -85,8 +90,7 @@ static void run_forward(const struct job *j) {
     const double *table = j->table;
     const float w = j->w, eps = j->eps;
     for (int64_t i = j->begin; i < j->end; i++) {
-        float v = x[i] * w;
-        float s = (float)sine_of_turns(reduce_turns(v, table), 0);
+        float s = sine_f32(x[i] * w, table, 0);
         float e = eps * s;
         out[i] = x[i] + e;
     }
@@ -98,8 +102,7 @@ static void run_backward(const struct job *j) {
     const double *table = j->table;
     const float w = j->w, eps = j->eps;
     for (int64_t i = j->begin; i < j->end; i++) {
-        float v = x[i] * w;
-        float c = (float)sine_of_turns(reduce_turns(v, table), 1);
+        float c = sine_f32(x[i] * w, table, 1);
         float t = g[i] * eps;
         t = t * c;
         t = t * w;
@@ -113,7 +116,7 @@ static void run_sine(const struct job *j) {
     const double *table = j->table;
     const int64_t quarter = j->quarter;
     for (int64_t i = j->begin; i < j->end; i++)
-        out[i] = (float)sine_of_turns(reduce_turns(v[i], table), quarter);
+        out[i] = sine_f32(v[i], table, quarter);
 }
 
 static void run_job(const struct job *j) {

@@ -107,14 +107,18 @@ def _build(compiler: str, directory: Path) -> Path:
     """Compile gcm_kernel.c into ``directory`` (with OpenMP if the compiler has it); the path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
-    errors = []
+    source, cpu = SOURCE.read_text(), _cpu_fingerprint()
+    variants = []  # (flags, target), the OpenMP build first
     for flags in ((*FLAGS, OPENMP_FLAG), FLAGS):
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version,
-                                        _cpu_fingerprint()]).encode()).hexdigest()[:16]
-        target = directory / f"gcm_kernel-{key}.so"
-        if target.exists():
-            return target
-        directory.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256("\0".join([source, " ".join(flags), version, cpu]).encode())
+        variants.append((flags, directory / f"gcm_kernel-{key.hexdigest()[:16]}.so"))
+    # a built library is reused, so a compiler without OpenMP does not retry that build each run
+    built = next((target for _, target in variants if target.exists()), None)
+    if built is not None:
+        return built
+    directory.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags, target in variants:
         # build under a temporary name, then rename: concurrent processes never load a partial file
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             partial = Path(scratch) / target.name
