@@ -13,7 +13,7 @@ of the medians (the ratio of the minima is shown beside it). Items (``--only``):
 - ``training``: one training step per recipe of ``bench_training_step.recipes`` / a standard step;
 - ``gcm``: forward through ``conceal(model, at="front")`` / the bare forward of the same weights
   (inference mode), and the GCM layer's own forward / the bare forward (the overhead, measured
-  directly; fused kernel and torch formula), and an input gradient through each;
+  directly), and an input gradient through each;
 - ``data``: one epoch of CIFAR-10 train batches as the training loop draws them, no model;
 - ``scaling``: PGD-Linf 10 steps and its ideal against batch size and image size.
 
@@ -290,11 +290,10 @@ def item_training(s: Setup):
 
 
 def item_gcm(s: Setup):
-    from gradshield.defenses import conceal, gcm_kernel
+    from gradshield.defenses import conceal
 
     x, y = s.images(s.config.gcm_batch)
-    concealed = conceal(s.model, at="front")  # kernel="auto": the fused kernel where it builds
-    formula = conceal(s.model, at="front", kernel="torch")
+    concealed = conceal(s.model, at="front")
 
     def forward(model):
         with torch.inference_mode():
@@ -310,15 +309,12 @@ def item_gcm(s: Setup):
     # run the very same weight tensors and only GCM differs
     runs = {"bare": functools.partial(forward, concealed.model),
             "concealed": functools.partial(forward, concealed),
-            "layer": functools.partial(forward, concealed.gcm),
-            "layer_torch": functools.partial(forward, formula.gcm)}
-    checks = [("concealed", "bare", TARGET_GCM, "<="), ("layer", "bare", TARGET_GCM - 1, "<="),
-              ("layer_torch", "bare", None, "<="), ("layer", "layer_torch", None, "<=")]
+            "layer": functools.partial(forward, concealed.gcm)}
+    checks = [("concealed", "bare", TARGET_GCM, "<="), ("layer", "bare", TARGET_GCM - 1, "<=")]
     gradient_runs = {name: functools.partial(input_gradient, model) for name, model in
-                     (("bare", concealed.model), ("concealed", concealed), ("concealed_torch", formula))}
-    gradient_checks = [("concealed", "bare", None, "<="), ("concealed_torch", "bare", None, "<=")]
-    kernel = "fused" if gcm_kernel.supports(x) else f"torch ({gcm_kernel.unavailable_reason() or 'device'})"
-    info = {"batch": len(x), "at": "front", "kernel": kernel}
+                     (("bare", concealed.model), ("concealed", concealed))}
+    gradient_checks = [("concealed", "bare", None, "<=")]
+    info = {"batch": len(x), "at": "front"}
     return [Row("inference", runs, checks, info, warmup=True, repeat_factor=GCM_REPEAT_FACTOR),
             Row("input gradient", gradient_runs, gradient_checks, info, warmup=True)]
 

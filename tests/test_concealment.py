@@ -202,3 +202,25 @@ def test_unconcealed_gives_the_model_back(trained_model):
     with torch.no_grad():
         assert torch.equal(plain(x), trained_model(x))
         assert not torch.allclose(concealed(x), trained_model(x))
+
+
+def test_conceal_starts_no_subprocess_and_compiles_nothing(monkeypatch, tmp_path):
+    """A layer call must never start a compiler or any other process, nor write a cache."""
+    import os
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"GCM started a process: {args[:1]}")
+
+    for name in ("Popen", "run", "call", "check_call", "check_output"):
+        monkeypatch.setattr(subprocess, name, refuse)
+    for name in ("system", "fork", "posix_spawn", "posix_spawnp", "execv", "execvp"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse)
+    monkeypatch.setenv("GRADSHIELD_CACHE", str(tmp_path / "cache"))
+    model = create_model("compact", width=0.25).eval()
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    concealed = conceal(model, at="front")
+    concealed(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().max() > 1e6  # the ~1e12 factor was applied
+    assert not (tmp_path / "cache").exists()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
+from gradshield.defenses import second_order
 from gradshield.defenses.regularizers import fgr_penalty, igr_penalty
 from gradshield.defenses.second_order import (
     _BatchNormTrainBackward,
@@ -24,6 +27,7 @@ from gradshield.defenses.second_order import (
     _MaxPool2dBackward,
     second_order_kernels,
 )
+from gradshield.models import create_model
 
 aten = torch.ops.aten
 
@@ -238,16 +242,18 @@ def test_penalty_gradients_through_the_rerouted_layers_match_finite_differences(
 
 
 def _parameter_gradient(model, x, y, kind, use_ours):
-    import gradshield.defenses.regularizers as regularizers
-
-    original = regularizers.second_order_kernels
-    regularizers.second_order_kernels = original if use_ours else contextlib.nullcontext
+    """The penalty's parameter gradient with the passes switched on or off by the user's switch."""
+    saved = os.environ.get(second_order.SWITCH)
+    os.environ[second_order.SWITCH] = "on" if use_ours else "off"
     try:
         model.zero_grad(set_to_none=True)
         fn = igr_penalty if kind == "igr" else fgr_penalty
         fn(model, x, y).total(0.5).backward()
     finally:
-        regularizers.second_order_kernels = original
+        if saved is None:
+            del os.environ[second_order.SWITCH]
+        else:
+            os.environ[second_order.SWITCH] = saved
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -367,3 +373,55 @@ def test_any_convolution_and_pooling_gets_the_native_double_backward(kernel, str
 
     torch.testing.assert_close(parameter_gradient(True), parameter_gradient(False),
                                rtol=1e-9, atol=1e-11)
+
+
+def test_an_untested_torch_switches_the_passes_off_says_so_once_and_gives_the_same_gradient(
+        monkeypatch):
+    """On a torch minor version the passes were not tested with, the penalties use PyTorch's own
+    double backward (never the rerouted passes), with one warning; the gradient is unchanged."""
+    import gradshield.defenses.regularizers as regularizers
+
+    torch.manual_seed(0)
+    model = create_model("compact", width=0.25).double().train()
+    x, y = torch.rand(6, 3, 32, 32, dtype=torch.float64), torch.arange(6) % 10
+    monkeypatch.delenv(second_order.SWITCH, raising=False)
+    reference = _parameter_gradient(model, x, y, "fgr", use_ours=True)
+    monkeypatch.delenv(second_order.SWITCH, raising=False)
+
+    class Refuse:
+        def __enter__(self):
+            raise AssertionError("the rerouted passes ran on an untested torch")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(regularizers, "second_order_kernels", Refuse)
+    monkeypatch.setattr(torch, "__version__", "2.99.0+fake")
+    with pytest.warns(second_order.SecondOrderWarning):
+        assert not second_order.enabled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            fgr_penalty(model, x, y).total(0.5).backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    messages = [w for w in caught if issubclass(w.category, second_order.SecondOrderWarning)]
+    assert len(messages) == 1 and "2.99.0+fake" in str(messages[0].message)
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("switch,version,expected", [
+    ("off", "2.14.1", False), ("on", "2.99.0", True), ("auto", "2.14.1+cpu", True),
+    ("auto", "2.13.0", True), ("auto", "2.12.0", False), ("auto", "3.0.0", False),
+    ("auto", "garbage", False)])
+def test_the_switch_and_the_version_decide(monkeypatch, switch, version, expected):
+    monkeypatch.setenv(second_order.SWITCH, switch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert second_order.enabled(version) is expected
+
+
+def test_a_bad_switch_value_is_an_error(monkeypatch):
+    monkeypatch.setenv(second_order.SWITCH, "maybe")
+    with pytest.raises(ValueError, match="on, off or auto"):
+        second_order.enabled()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
@@ -453,26 +452,17 @@ def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop
                      (a, b, int(index.numel()), time.perf_counter() - t0))
 
 
-def _png(fig) -> bytes:
-    from matplotlib import pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _store_gradient_figure(conn, model, base, images, labels, classes, count: int = 4) -> None:
     if conn.execute("SELECT 1 FROM artifacts WHERE name = 'gradient_sign'").fetchone():
         return
-    from gradshield.plots import plot_gradient_sign
+    from gradshield.plots import figure_png, plot_gradient_sign
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     models = {"evaluated model": model} if base is None else {"without GCM": base, "with GCM": model}
     x, y = images[:count].to(device), labels[:count].to(device)
     fig = plot_gradient_sign(models, x, y, classes=classes)
     with conn:
-        conn.execute("INSERT INTO artifacts VALUES ('gradient_sign', 'png', ?)", (_png(fig),))
+        conn.execute("INSERT INTO artifacts VALUES ('gradient_sign', 'png', ?)", (figure_png(fig, dpi=90),))
 
 
 def success_matrix(conn: sqlite3.Connection, n: int, attacks: int) -> np.ndarray:

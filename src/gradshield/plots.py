@@ -1,4 +1,7 @@
-"""Figures (matplotlib, Agg backend): the sign of input gradients (GCM paper, Figure 4).
+"""Figures: the sign of input gradients (GCM paper, Figure 4).
+
+Built with matplotlib's object-oriented API, so the user's pyplot backend and figure list are
+never touched.
 
 Each function returns the matplotlib Figure and writes a PNG when ``path`` is given, so the report
 module can reuse them.
@@ -6,6 +9,7 @@ module can reuse them.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +19,20 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradshield.utils import eval_mode
+
+
+def new_figure(**kwargs):
+    """A matplotlib Figure not registered with pyplot (no backend switch, no global figure list)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def figure_png(fig, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,15 +60,10 @@ def plot_gradient_sign(models: Mapping[str, nn.Module], x: torch.Tensor, y: torc
     one times a pseudo-random +-1 per pixel, i.e. noise with ~50 % agreement (the paper's
     Figure 4).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
     n, cols = x.shape[0], 1 + len(models)
     grads = {name: input_gradient(model, x, y) for name, model in models.items()}
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 1.9 * n + (0.5 if title else 0.2)),
-                             squeeze=False)
+    fig = new_figure(figsize=(1.9 * cols, 1.9 * n + (0.5 if title else 0.2)))
+    axes = fig.subplots(n, cols, squeeze=False)
     for i in range(n):
         label = classes[int(y[i])] if classes is not None else str(int(y[i]))
         axes[i, 0].imshow(x[i].permute(1, 2, 0).cpu().clamp(0, 1).numpy(),

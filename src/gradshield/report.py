@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import io
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from gradshield.evaluation import (
     load_run,
     open_results,
 )
+from gradshield.plots import figure_png, new_figure
 
 MODE_NOTE = {
     "per-attack": "every attack ran on every clean-correct example: per-attack numbers are exact",
@@ -64,23 +64,6 @@ def _pct(value: float) -> str:
 
 def _num(value: float, digits: int = 3) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _plt()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def run_names(runs: list[RunResults]) -> list[str]:
@@ -229,10 +212,10 @@ def curves(runs, names) -> Section | None:
                 by_family[family].append((label, sorted(points)))
     if not by_family:
         return None
-    plt = _plt()
     s = Section("Robust accuracy vs budget")
     for family, lines in sorted(by_family.items()):
-        fig, ax = plt.subplots(figsize=(6.4, 3.8))
+        fig = new_figure(figsize=(6.4, 3.8))
+        ax = fig.subplots()
         for label, points in lines:
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=label)
         first = max(lines, key=lambda item: len(item[1]))[1]
@@ -243,7 +226,7 @@ def curves(runs, names) -> Section | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        s.blocks.append(("figure", Figure(f"curve-{family}", _png(fig),
+        s.blocks.append(("figure", Figure(f"curve-{family}", figure_png(fig),
                                           f"Robust accuracy vs {family} budget (per-attack mode)")))
     return s
 
@@ -289,7 +272,6 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
             picked[row[0]].append(row)
     if not picked:
         return None
-    plt = _plt()
     classes = run.meta.get("classes")
     first = blob_array(rows[0][3], rows[0][4])
     h, w = first.shape[1] * scale, first.shape[2] * scale
@@ -321,7 +303,7 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
                 arrows.append(np.stack([left + (xs + 0.5) * scale, top + (ys + 0.5) * scale,
                                         p[0][ys, xs] * length, p[1][ys, xs] * length], -1).reshape(-1, 4))
     dpi = 100
-    fig = plt.figure(figsize=((mosaic.shape[1] + 150) / dpi, (mosaic.shape[0] + 30) / dpi), dpi=dpi)
+    fig = new_figure(figsize=((mosaic.shape[1] + 150) / dpi, (mosaic.shape[0] + 30) / dpi), dpi=dpi)
     ax = fig.add_axes((150 / (mosaic.shape[1] + 150), 0, mosaic.shape[1] / (mosaic.shape[1] + 150),
                        mosaic.shape[0] / (mosaic.shape[0] + 30)))
     ax.imshow(mosaic, interpolation="nearest")
@@ -334,7 +316,7 @@ def sample_grid(path: Path, run: RunResults, name: str, per_attack: int = 2,
         ax.quiver(a[:, 0], a[:, 1], a[:, 2], a[:, 3], angles="xy", scale_units="xy", scale=1,
                   color="white", width=0.0025)
     fig.suptitle(f"{name}: clean / adversarial / perturbation (scaled to its max)", fontsize=8)
-    return Figure(f"samples-{name}", _png(fig), f"{name}: example images per attack; flow fields "
+    return Figure(f"samples-{name}", figure_png(fig), f"{name}: example images per attack; flow fields "
                   "coloured by direction (hue) and size (brightness), with arrows")
 
 

@@ -41,13 +41,13 @@ import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from gradshield.compat import tomllib
 from gradshield.errors import GradshieldError
 
 #: Image size the ``eps_imagenet`` budgets refer to (C, H, W).

@@ -46,7 +46,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gradshield.defenses import gcm_kernel
 from gradshield.errors import GradshieldError
 
 FRONT = "front"
@@ -56,38 +55,8 @@ ALL = "all"
 OVERFLOW_WARN_LOG10 = 30.0
 
 
-KERNELS = ("auto", "fused", "torch")
-
-
 class ConcealmentWarning(UserWarning):
     """GCM placements that will (or did) overflow float32 gradients."""
-
-
-class _FusedConcealment(torch.autograd.Function):
-    """GCM on a float32 CPU tensor by :mod:`gradshield.defenses.gcm_kernel`: the same float32
-    steps as ``z + eps * torch.sin(z * w)`` and its autograd backward, with an exactly reduced
-    sine. A backward that must itself be differentiable (``create_graph=True``) uses PyTorch's
-    formula, so higher derivatives are those of the torch path."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, w: float, eps: float) -> torch.Tensor:
-        ctx.save_for_backward(z)
-        ctx.w, ctx.eps = w, eps
-        return gcm_kernel.forward(z, w, eps)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (z,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return grad + ((grad * ctx.eps) * torch.cos(z * ctx.w)) * ctx.w, None, None
-        return gcm_kernel.backward(z, grad, ctx.w, ctx.eps), None, None
-
-
-def _traced() -> bool:
-    """Whether torch.compile/export, TorchScript tracing or a torch.func transform (vmap, grad,
-    jacrev) is looking at the operations: they need PyTorch operations, not an opaque C call."""
-    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or functorch_active())
 
 
 class GradientConcealment(nn.Module):
@@ -101,25 +70,10 @@ class GradientConcealment(nn.Module):
     fine in bfloat16 (max 3e38), but float16 (max 65504) turns it into inf - an input gradient
     of a float16 input through GCM is non-finite, which
     :func:`gradshield.diagnostics.gradient_health` reports. No parameters, no buffers.
-
-    ``kernel``: how float32 CPU tensors are computed. ``"torch"``: PyTorch's formula.
-    ``"fused"``: :mod:`~gradshield.defenses.gcm_kernel` (one pass forward and backward, exact
-    range reduction; about 2.5x faster; an error if it cannot be built here). ``"auto"`` (default):
-    fused where it can be built, else torch. The two agree to an ulp of the sine (0.5 ulp fused,
-    0.6 ulp torch from the exact sine), which is ``eps`` times smaller in the output. Other
-    devices and dtypes, and code seen by ``torch.compile``, ``torch.jit.trace`` or ``torch.func``
-    transforms, always use the torch formula (those need PyTorch operations).
     """
 
-    def __init__(self, w: float = 1e20, eps: float = 1e-8, kernel: str = "auto") -> None:
+    def __init__(self, w: float = 1e20, eps: float = 1e-8) -> None:
         super().__init__()
-        if kernel not in KERNELS:
-            raise GradshieldError(f"GCM kernel must be one of {KERNELS}, got {kernel!r}")
-        if kernel == "fused" and gcm_kernel.library() is None:
-            raise GradshieldError(
-                f"GCM kernel='fused' is not available here: {gcm_kernel.unavailable_reason()}; "
-                "use kernel='auto' or 'torch'")
-        self.kernel = kernel
         w, eps = float(w), float(eps)
         if not (math.isfinite(w) and w > 0):
             raise GradshieldError(f"GCM frequency w must be a finite number > 0, got {w}")
@@ -141,14 +95,11 @@ class GradientConcealment(nn.Module):
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             z = x.to(compute)
-            if self.kernel != "torch" and not _traced() and gcm_kernel.supports(z):
-                out = _FusedConcealment.apply(z, self.w, self.eps)
-            else:
-                out = z + self.eps * torch.sin(z * self.w)
+            out = z + self.eps * torch.sin(z * self.w)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"w={self.w:g}, eps={self.eps:g}, kernel={self.kernel}"
+        return f"w={self.w:g}, eps={self.eps:g}"
 
 
 class _ApplyGCM:
@@ -255,7 +206,7 @@ def resolve_placements(model: nn.Module, at: str | Sequence[str]) -> list[str]:
 
 
 def conceal(model: nn.Module, at: str | Sequence[str] = FRONT, *, w: float = 1e20,
-            eps: float = 1e-8, kernel: str = "auto") -> ConcealedModel:
+            eps: float = 1e-8) -> ConcealedModel:
     """A deep copy of ``model`` with GCM at ``at``; the user's model is not modified.
 
     ``model`` is any classifier taking [0, 1] images (e.g. from :mod:`gradshield.models`).
@@ -263,12 +214,11 @@ def conceal(model: nn.Module, at: str | Sequence[str] = FRONT, *, w: float = 1e2
     module) or a list of sub-module names (optionally with ``"front"``). The copy keeps the
     original's train/eval mode. Warns with :class:`ConcealmentWarning` when the stacked gradient
     factor ``(1 + eps*w) ** len(placements)`` passes 1e30 (float32 gradients will overflow).
-    ``kernel``: see :class:`GradientConcealment` (``"auto"``: the fused CPU kernel when it builds).
     """
     if not isinstance(model, nn.Module):
         raise GradshieldError(f"conceal() needs an nn.Module, got {type(model).__name__}")
     names = resolve_placements(model, at)
-    gcm = GradientConcealment(w=w, eps=eps, kernel=kernel)
+    gcm = GradientConcealment(w=w, eps=eps)
     # with at="all", leaves whose output is not a float tensor are skipped, not errors
     wrapped = ConcealedModel(copy.deepcopy(model), names, gcm, strict=at != ALL)
     wrapped.train(model.training)

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from gradshield.defenses.second_order import enabled as second_order_enabled
 from gradshield.defenses.second_order import second_order_kernels
 from gradshield.errors import GradshieldError
 from gradshield.warp import (
@@ -117,8 +118,9 @@ def _squared_norm_mean(grad: torch.Tensor) -> torch.Tensor:
 
 def _per_example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                         second_order: bool = False) -> torch.Tensor:
-    """``second_order``: the losses will be differentiated twice (gradshield's own passes)."""
-    with second_order_kernels() if second_order else contextlib.nullcontext():
+    """``second_order``: the losses will be differentiated twice (gradshield's own passes where
+    :func:`gradshield.defenses.second_order.enabled`)."""
+    with second_order_kernels() if second_order and second_order_enabled() else contextlib.nullcontext():
         return F.cross_entropy(_at_least_float32(model(x)), y, reduction="none")
 
 

@@ -17,6 +17,12 @@ gives these layers hand-derived second-order passes, and changes nothing else:
   first-order gradients are those of the native kernels (they are called); second-order
   gradients are mathematically identical (checked against PyTorch's own double backward and
   float64 finite differences in ``tests/test_second_order.py``).
+- The passes call private PyTorch functions (``torch._C._will_engine_execute_node``,
+  ``aten.native_batch_norm_backward``, ...). :func:`enabled` says whether to use them: only on
+  the torch minor versions they were tested with (:data:`TESTED_TORCH`), else PyTorch's own
+  double backward is used and a :class:`SecondOrderWarning` says so once.
+  ``GRADSHIELD_SECOND_ORDER=off`` turns them off by hand, ``=on`` forces them on an untested
+  torch (run ``tests/test_second_order.py`` there first).
 - The first backward pass (the input gradient, ``autograd.grad(loss, x, create_graph=True)``)
   computes no weight gradients of convolutions: the engine is asked which gradients that pass
   uses. GELU's derivative is computed once and reused by the three passes that need it.
@@ -43,6 +49,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
+import re
+import warnings
 
 import torch
 from torch.autograd import Function
@@ -51,6 +60,45 @@ from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+#: torch (major, minor) versions whose private calls the passes were checked against.
+TESTED_TORCH = ((2, 13), (2, 14))
+#: Environment switch: "off" never uses the passes, "on" uses them on any torch, "auto" (default).
+SWITCH = "GRADSHIELD_SECOND_ORDER"
+_PRIVATE = ("_will_engine_execute_node",)
+
+
+class SecondOrderWarning(UserWarning):
+    """The second-order passes were switched off (untested torch); PyTorch's own are used."""
+
+
+def torch_minor(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a torch version string such as ``2.14.1+cpu``; None if unreadable."""
+    match = re.match(r"^(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def enabled(version: str | None = None) -> bool:
+    """Whether the penalties should run under :class:`second_order_kernels` (see the module doc).
+
+    ``version``: the torch version to judge (default: the installed one)."""
+    switch = os.environ.get(SWITCH, "auto").strip().lower()
+    if switch in ("off", "0", "false", "no"):
+        return False
+    if switch not in ("on", "1", "true", "yes", "auto", ""):
+        raise ValueError(f"${SWITCH} must be on, off or auto, got {switch!r}")
+    if switch in ("on", "1", "true", "yes"):
+        return True
+    version = torch.__version__ if version is None else version
+    missing = [name for name in _PRIVATE if not hasattr(torch._C, name)]
+    if torch_minor(version) in TESTED_TORCH and not missing:
+        return True
+    why = (f"torch {version} is not among the tested versions "
+           f"{', '.join(f'{a}.{b}' for a, b in TESTED_TORCH)}" if not missing
+           else f"torch {version} lacks {missing}")
+    warnings.warn(f"gradshield's faster second-order passes are off: {why}; IGR/FGR use PyTorch's "
+                  f"own double backward (same values, slower). Set {SWITCH}=on to force them after "
+                  "running tests/test_second_order.py on this torch", SecondOrderWarning, stacklevel=2)
+    return False
 
 
 def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
