@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradshield.evaluation import CLEAN, _array_blob, create_or_resume
-from gradshield.report import write_report
-from gradshield.suites import parse_suite
+from gradshield.evaluation.report import write_report
+from gradshield.evaluation.store import CLEAN, array_blob, create_or_resume
+from gradshield.evaluation.suites import parse_suite
 
 
 def synthetic_suite(attacks: int):
@@ -71,9 +71,9 @@ def make_synthetic_run(path: str | Path, examples: int = 10_000, attacks: int = 
             for j in attacked[:samples].tolist():
                 x = torch.rand(shape)
                 pert = torch.randn(2, 32, 32) * 0.1 if flow else (torch.rand(shape) - 0.5) * 0.06
-                s, clean = _array_blob(x)
-                _, adv = _array_blob((x + (0 if flow else pert)).clamp(0, 1))
-                ps, pb = _array_blob(pert)
+                s, clean = array_blob(x)
+                _, adv = array_blob((x + (0 if flow else pert)).clamp(0, 1))
+                ps, pb = array_blob(pert)
                 conn.execute("INSERT INTO samples VALUES (?,?,?,?,?,?,?,?)",
                              (a, j, 1, s, clean, adv, ps, pb))
         if complete:

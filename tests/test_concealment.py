@@ -15,8 +15,8 @@ from gradshield.defenses.concealment import (
     conceal,
     resolve_placements,
 )
-from gradshield.diagnostics import gradient_health
 from gradshield.errors import GradshieldError
+from gradshield.evaluation.diagnostics import gradient_health
 from gradshield.metrics import predict
 from gradshield.models import create_model
 
@@ -169,7 +169,7 @@ def test_stacked_placements_overflow_is_reported(test_batch, trained_model):
 
 def test_bpda_sees_every_placement(test_batch, trained_model):
     from gradshield.attacks import bpda
-    from gradshield.plots import input_gradient
+    from gradshield.evaluation.plots import input_gradient
 
     x, y = test_batch
     x, y = x[:8], y[:8]

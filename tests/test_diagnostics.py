@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gradshield.defenses.concealment import conceal
-from gradshield.diagnostics import (
+from gradshield.errors import GradshieldError
+from gradshield.evaluation.diagnostics import (
     BPDA,
     ITERATIVE,
     NOISE,
@@ -22,7 +23,6 @@ from gradshield.diagnostics import (
     diagnose,
     gradient_health,
 )
-from gradshield.errors import GradshieldError
 
 N = 100
 ALL = torch.ones(N, dtype=torch.bool)

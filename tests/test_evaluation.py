@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from gradshield.checkpoint import save_checkpoint
+from gradshield.cli import evaluate_suite
 from gradshield.errors import GradshieldError
-from gradshield.evaluation import compare_runs, load_run, run_suite, run_suite_cli, summarize
+from gradshield.evaluation import compare_runs, load_run, run_suite, summarize
+from gradshield.evaluation.suites import parse_suite
 from gradshield.models import create_model
-from gradshield.suites import parse_suite
 from tests.conftest import REPO, data_dir
 
 TINY = """
@@ -59,7 +60,7 @@ def _results(db) -> list[tuple]:
 
 
 def _command(suite_path, checkpoint, db) -> list[str]:
-    return [sys.executable, "-m", "gradshield.evaluation", "--checkpoint", str(checkpoint),
+    return [sys.executable, "-m", "gradshield", "evaluate", "--checkpoint", str(checkpoint),
             "--suite", str(suite_path), "--db", str(db), "--data-dir", str(data_dir()),
             "--test-limit", str(N_EXAMPLES), "--seed", str(SUBSET_SEED), "--batch-size", "6",
             "--progress", "lines"]
@@ -164,7 +165,7 @@ def test_checkpoint_classes_must_match_the_data(tmp_path, data):
                               mode="per-attack", surrogate=None, samples=2, diagnose=False,
                               progress="none", batch_size=6)
     with pytest.raises(GradshieldError, match="has 5 classes but the data set cifar10 has 10"):
-        run_suite_cli(args)
+        evaluate_suite(args)
     assert not (tmp_path / "x.db").exists()
     x, y, classes = data
     with pytest.raises(GradshieldError, match="5 classes but the data set has 10"):

@@ -6,8 +6,8 @@ import matplotlib
 import torch
 
 from gradshield.defenses.concealment import conceal
+from gradshield.evaluation.plots import figure_png, plot_gradient_sign
 from gradshield.models import create_model
-from gradshield.plots import figure_png, plot_gradient_sign
 
 
 def test_plot_keeps_the_users_backend_and_registers_no_pyplot_figure():

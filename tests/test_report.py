@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from gradshield.evaluation import run_suite, summarize
-from gradshield.report import write_report
-from gradshield.suites import parse_suite
+from gradshield.evaluation.report import write_report
+from gradshield.evaluation.suites import parse_suite
 from tests.conftest import REPO
 
 SUITE = """

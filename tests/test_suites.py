@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradshield.errors import GradshieldError
-from gradshield.suites import (
+from gradshield.evaluation.suites import (
     builtin_suites,
     convert_imagenet_budget,
     load_suite,

@@ -182,9 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.suite:
-        from gradshield.evaluation import run_suite_cli
-
-        return run_suite_cli(args)
+        return evaluate_suite(args)
     if args.gcm:
         raise GradshieldError("--gcm needs --suite (e.g. --suite adaptive); clean accuracy "
                               "is unchanged by GCM by construction and is reported by every suite")
@@ -205,10 +203,98 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from gradshield.report import report_cli
+def _add_suite_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gradshield evaluate --suite``."""
+    from gradshield.evaluation.store import MODES
 
-    return report_cli(args)
+    group = parser.add_argument_group("attack suite")
+    group.add_argument("--suite", default=None,
+                       help="built-in suite (gcm-paper, fgr-paper, adaptive, quickstart) or a suite .toml "
+                            "file; its budgets are on the [0, 1] pixel scale for intensity "
+                            "attacks (e.g. eps = \"8/255\") and in pixels for flow attacks")
+    group.add_argument("--gcm", default=None, metavar="AT",
+                       help="evaluate the checkpoint with GCM inserted: 'front', 'all' or "
+                            "comma-separated module names (default: no GCM)")
+    group.add_argument("--gcm-w", type=float, default=1e20,
+                       help="GCM frequency w in x + eps*sin(w*x), radians per unit of [0, 1] "
+                            "pixel value (default: %(default)g)")
+    group.add_argument("--gcm-eps", type=float, default=1e-8,
+                       help="GCM amplitude eps, [0, 1] pixel scale (default: %(default)g)")
+    group.add_argument("--db", default=None,
+                       help="results file (SQLite); rerun the same command to resume it "
+                            "(default: runs/evaluate/<suite>-<checkpoint folder>[-gcm-<AT>].db)")
+    group.add_argument("--mode", default="per-attack", choices=MODES,
+                       help="per-attack: every attack on every clean-correct example (exact per-"
+                            "attack numbers); worst-case: skip examples already broken "
+                            "(default: %(default)s)")
+    group.add_argument("--surrogate", default=None,
+                       help="checkpoint of the surrogate for transfer attacks (default: the "
+                            "evaluated model without GCM)")
+    group.add_argument("--samples", type=int, default=4,
+                       help="example images kept per attack for the report (default: %(default)s)")
+    group.add_argument("--diagnose", action="store_true",
+                       help="also run the gradient-masking diagnostics and store the verdict")
+    group.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
+                       help="progress display (default: %(default)s)")
+    group.add_argument("--device", default="cpu",
+                       help="torch device for model and attacks, e.g. cuda (default: %(default)s; "
+                            "resume a run on the device it started on: results are exact per device)")
+
+
+def evaluate_suite(args: argparse.Namespace) -> int:
+    """``gradshield evaluate --suite ...``: load checkpoint and data, run, print the summary as JSON."""
+    from gradshield.checkpoint import load_model
+    from gradshield.data import load_dataset, sha256_file
+    from gradshield.evaluation import load_suite, run_suite
+
+    if not args.suite:
+        raise GradshieldError("--suite is required (built-in: gcm-paper, fgr-paper, adaptive, or a .toml)")
+    suite = load_suite(args.suite)
+    model, _ = load_model(args.checkpoint)
+    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download)
+    test = test.subset(args.test_limit, seed=args.seed)
+    if test.num_classes != model.config.num_classes:
+        raise GradshieldError(
+            f"the checkpoint {args.checkpoint} has {model.config.num_classes} classes but the data "
+            f"set {args.dataset} has {test.num_classes}; evaluate on the data it was trained on")
+    if args.gcm:
+        from gradshield.defenses.concealment import conceal
+
+        at = args.gcm if args.gcm in ("front", "all") else args.gcm.split(",")
+        model = conceal(model, at=at, w=args.gcm_w, eps=args.gcm_eps)
+    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    model = model.to(device)
+    surrogate = surrogate.to(device) if surrogate is not None else None
+    db = args.db or Path("runs/evaluate") / (
+        f"{suite.name}-{Path(args.checkpoint).resolve().parent.name}"
+        + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
+    x, y = test.as_float()
+    info = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256_file(Path(args.checkpoint)),
+            "gcm": {"at": args.gcm, "w": args.gcm_w, "eps": args.gcm_eps} if args.gcm else None,
+            "surrogate": str(args.surrogate) if args.surrogate else None, "device": str(device),
+            "data": {"dataset": args.dataset, "split": "test", "test_limit": args.test_limit,
+                     "subset_seed": args.seed}}
+    summary = run_suite(model, x, y, suite, db, seed=args.seed, batch_size=args.batch_size,
+                        mode=args.mode, classes=test.classes, surrogate=surrogate,
+                        samples_per_attack=args.samples, diagnose=args.diagnose, info=info,
+                        progress=args.progress)
+    short = {k: v for k, v in summary.items() if k != "attacks"}
+    key = "robust_accuracy" if args.mode == "per-attack" else "cumulative_robust_accuracy"
+    short[key] = {r["id"]: r[key] for r in summary["attacks"]}
+    short = json.loads(json.dumps(short), parse_constant=lambda _: None)  # NaN -> null
+    print(json.dumps(short))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gradshield.evaluation.report import write_report
+
+    print(json.dumps(write_report(args.runs, args.out, title=args.title)))
+    return 0
 
 
 def quickstart_table(vanilla: dict, concealed: dict) -> str:
@@ -231,8 +317,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from gradshield.checkpoint import load_model
     from gradshield.defenses.concealment import conceal
     from gradshield.evaluation import run_suite
-    from gradshield.report import artifacts, write_report
-    from gradshield.suites import load_suite
+    from gradshield.evaluation.report import artifacts, write_report
+    from gradshield.evaluation.suites import load_suite
 
     out = Path(args.out)
     args.out = str(out / "model")
@@ -313,16 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed choosing the --test-limit subset (default: %(default)s)")
     _add_data_options(p, train=False)
-    from gradshield.evaluation import add_evaluate_suite_arguments
-
-    add_evaluate_suite_arguments(p)
+    _add_suite_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("report", help="Markdown + self-contained HTML report of results files "
                                       "(several are compared side by side)")
-    from gradshield.report import add_report_arguments
-
-    add_report_arguments(p)
+    p.add_argument("runs", nargs="+", metavar="RUN.db",
+                   help="results files written by `gradshield evaluate --suite`; several are "
+                        "shown side by side")
+    p.add_argument("--out", default="runs/report",
+                   help="output folder for report.md (+ PNGs) and report.html (default: %(default)s)")
+    p.add_argument("--title", default=None, help="report title")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("quickstart", help="train the default model briefly, attack it with and "

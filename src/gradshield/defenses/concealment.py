@@ -13,7 +13,7 @@ value. The autograd gradient therefore says nothing about how the loss changes o
 attacker moves (its direction is the true gradient times a random +-1e12 per coordinate), while the
 function itself is, to float32 precision, the undefended model. GCM is *gradient masking*: it
 defeats attacks that follow autograd, not attacks that approximate the layer by the identity
-(BPDA), transfer attacks or gradient-free attacks. :mod:`gradshield.diagnostics` detects it.
+(BPDA), transfer attacks or gradient-free attacks. :mod:`gradshield.evaluation.diagnostics` detects it.
 
 Placement (``conceal(model, at=...)``):
 
@@ -31,7 +31,7 @@ Placement (``conceal(model, at=...)``):
 Stacking: each GCM on the forward path multiplies the backward signal by about ``eps * w``
 (1e12), so two are ~1e24 and three or more overflow float32 (max 3.4e38) into inf/NaN gradients.
 :func:`conceal` warns (:class:`ConcealmentWarning`) when the product of the placements' factors
-passes 1e30, and :func:`gradshield.diagnostics.gradient_health` reports non-finite gradients as a
+passes 1e30, and :func:`gradshield.evaluation.diagnostics.gradient_health` reports non-finite gradients as a
 flagged finding. Nothing hides them.
 """
 
@@ -69,7 +69,7 @@ class GradientConcealment(nn.Module):
     ``1 + eps*w*cos(w*x)`` (~1e12) in float32 and casts the gradient back to the input dtype:
     fine in bfloat16 (max 3e38), but float16 (max 65504) turns it into inf - an input gradient
     of a float16 input through GCM is non-finite, which
-    :func:`gradshield.diagnostics.gradient_health` reports. No parameters, no buffers.
+    :func:`gradshield.evaluation.diagnostics.gradient_health` reports. No parameters, no buffers.
     """
 
     def __init__(self, w: float = 1e20, eps: float = 1e-8) -> None:
@@ -229,6 +229,6 @@ def conceal(model: nn.Module, at: str | Sequence[str] = FRONT, *, w: float = 1e2
             f"{len(names)} stacked GCM placements multiply gradients by up to "
             f"~1e{wrapped.stacked_log10_factor:.0f} (eps*w = {eps * w:g} each); float32 overflows "
             "at 3.4e38, so input gradients will be inf/NaN. Gradient attacks on this model fail "
-            "for that reason alone; gradshield.diagnostics.gradient_health reports it",
+            "for that reason alone; gradshield.evaluation.diagnostics.gradient_health reports it",
             ConcealmentWarning, stacklevel=2)
     return wrapped

@@ -10,14 +10,11 @@ the gradient-masking verdict when the run has one, and the exact commands, versi
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import math
 import os
-import sqlite3
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,15 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from gradshield.errors import GradshieldError
-from gradshield.evaluation import (
-    RunResults,
-    attack_rows,
-    blob_array,
-    compare_runs,
-    load_run,
-    open_results,
-)
-from gradshield.plots import figure_png, new_figure
+from gradshield.evaluation.plots import figure_png, new_figure
+from gradshield.evaluation.store import RunResults, blob_array, load_run, open_results
+from gradshield.evaluation.summary import attack_rows, compare_runs
 
 MODE_NOTE = {
     "per-attack": "every attack ran on every clean-correct example: per-attack numbers are exact",
@@ -474,34 +465,3 @@ def write_report(paths, out: str | os.PathLike, *, title: str | None = None) -> 
     return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
             "runs": len(runs), "seconds": round(time.perf_counter() - started, 3),
             "incomplete": [str(r.path) for r in runs if not r.complete]}
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gradshield report``."""
-    parser.add_argument("runs", nargs="+", metavar="RUN.db",
-                        help="results files written by `gradshield evaluate --suite`; several are "
-                             "shown side by side")
-    parser.add_argument("--out", default="runs/report",
-                        help="output folder for report.md (+ PNGs) and report.html (default: %(default)s)")
-    parser.add_argument("--title", default=None, help="report title")
-
-
-def report_cli(args: argparse.Namespace) -> int:
-    result = write_report(args.runs, args.out, title=args.title)
-    print(json.dumps(result))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradshield.report", description=__doc__.split("\n")[0])
-    add_report_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return report_cli(args)
-    except (GradshieldError, sqlite3.Error) as err:
-        print(f"gradshield: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Run an attack suite over a model and a data set, keeping per-example results in the store
+(:mod:`gradshield.evaluation.store`).
+
+Two modes (stored in the file, shown in the report):
+
+- ``per-attack`` (default): every attack runs on every clean-correct example, so each attack's
+  robust accuracy is exact, and the worst case over attacks is exact too;
+- ``worst-case``: as AutoAttack, an attack runs only on the examples no earlier attack has broken.
+  Cheaper; the worst case is the same, but a single attack's own number is not available — the
+  report then shows the cumulative robust accuracy after each attack.
+
+Determinism: the examples are split into fixed batches (index order) and attack ``a`` on batch
+``b`` draws its randomness from ``derived_generator(seed, a, b)``, so a resumed run equals an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradshield.errors import GradshieldError
+from gradshield.evaluation.store import (
+    CLEAN,
+    FORMAT,
+    MODES,
+    SCHEMA_VERSION,
+    array_blob,
+    create_or_resume,
+    model_fingerprint,
+    success_matrix,
+    tensor_digest,
+    versions,
+)
+from gradshield.evaluation.suites import AttackSpec, Suite, attack_function
+from gradshield.evaluation.summary import summarize
+from gradshield.utils import derived_generator, eval_mode
+
+# --------------------------------------------------------------------------- models per attack
+
+
+def _gcm_layers(model: nn.Module):
+    from gradshield.defenses.concealment import GradientConcealment
+
+    return [m for m in model.modules() if isinstance(m, GradientConcealment)]
+
+
+def base_model(model: nn.Module) -> nn.Module | None:
+    """The model without GCM if ``model`` came from :func:`gradshield.defenses.concealment.conceal`."""
+    from gradshield.defenses.concealment import ConcealedModel
+
+    return model.model if isinstance(model, ConcealedModel) else None
+
+
+@dataclass
+class AttackTarget:
+    """How to run one suite entry: the function and the model(s) it gets."""
+
+    function: Callable
+    model: nn.Module          # the model the attack computes gradients on (maybe a BPDA copy)
+    surrogate: nn.Module | None = None  # set for transfer: crafted here, scored on ``model``
+    note: str = ""
+
+
+def attack_target(spec: AttackSpec, model: nn.Module, surrogate: nn.Module | None) -> AttackTarget:
+    fn = attack_function(spec.attack)
+    if spec.through == "bpda":
+        from gradshield.attacks import bpda
+        from gradshield.defenses.concealment import ConcealedModel, GradientConcealment
+
+        if not _gcm_layers(model):
+            return AttackTarget(fn, model, note="no GCM layer in the model: BPDA = white-box")
+        if isinstance(model, ConcealedModel) and set(model.placements) - {"front"}:
+            raise GradshieldError(
+                f"attack {spec.id!r}: BPDA needs GCM at 'front' only; placements after modules "
+                f"{sorted(set(model.placements) - {'front'})} are forward hooks that bpda() cannot "
+                "replace. Evaluate with --gcm front for the BPDA rows")
+        return AttackTarget(fn, bpda(model, lambda m: isinstance(m, GradientConcealment)),
+                            note="GCM back-propagates as the identity")
+    if spec.through == "transfer":
+        if surrogate is None:
+            return AttackTarget(fn, model, surrogate=model,
+                                note="no GCM to remove and no surrogate given: crafted on the model "
+                                     "itself (white-box); pass --surrogate CHECKPOINT for a transfer")
+        return AttackTarget(fn, model, surrogate=surrogate)
+    return AttackTarget(fn, model)
+
+
+def _load_surrogate(path: str) -> nn.Module:
+    from gradshield.checkpoint import load_model
+
+    return load_model(path)[0]
+
+
+def _call(target: AttackTarget, spec: AttackSpec, x, y, image_shape, generator):
+    kwargs = spec.kwargs_for(image_shape)
+    if "generator" in inspect.signature(target.function).parameters:
+        kwargs["generator"] = generator
+    if target.surrogate is not None:
+        from gradshield.attacks import transfer_attack
+
+        return transfer_attack(target.function, target.surrogate, target.model, x, y, **kwargs)
+    return target.function(target.model, x, y, **kwargs)
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class _Progress:
+    """tqdm bar (``bar``), one JSON line per committed batch on stderr (``lines``), or nothing."""
+
+    def __init__(self, mode: str, total: int, done: int, desc: str) -> None:
+        self.mode, self.bar = mode, None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="batch", dynamic_ncols=True)
+
+    def update(self, what: str, batch: int, **extra) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+        elif self.mode == "lines":
+            print(json.dumps({"done": what, "batch": batch, **extra}), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suite: Suite,
+              db_path: str | os.PathLike, *, seed: int = 0, batch_size: int = 256,
+              mode: str = "per-attack", classes: Sequence[str] | None = None,
+              surrogate: nn.Module | None = None, samples_per_attack: int = 4,
+              diagnose: bool = False, gradient_figure: bool = True, info: dict | None = None,
+              progress: str = "bar") -> dict:
+    """Run ``suite`` on (``images`` in [0, 1], ``labels``) and store everything in ``db_path``.
+
+    ``surrogate`` (for ``through = "transfer"`` entries): defaults to the model without GCM when
+    the model came from ``conceal``. ``info``: extra run metadata to store (command, checkpoint,
+    data description). ``progress``: ``"bar"``, ``"lines"`` or ``"none"``. Returns :func:`summarize`.
+    """
+    from gradshield.metrics import predict
+    from gradshield.validation import check_images, check_labels
+
+    if mode not in MODES:
+        raise GradshieldError(f"mode must be one of {MODES}, got {mode!r}")
+    if batch_size < 1:
+        raise GradshieldError(f"batch_size must be >= 1, got {batch_size}")
+    check_images(images)
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    base = base_model(model)
+    if num_classes is None and base is not None:
+        num_classes = getattr(getattr(base, "config", None), "num_classes", None)
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        raise GradshieldError(f"the model has {num_classes} classes but the data set has {len(classes)}; "
+                              "evaluate the model on the data set it was trained on")
+    check_labels(labels, images.shape[0], num_classes)
+    if surrogate is None:
+        surrogate = base
+    n, image_shape = images.shape[0], tuple(images.shape[1:])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    identity = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "suite_digest": suite.digest,
+                "model_fingerprint": model_fingerprint(model),
+                "data_fingerprint": tensor_digest(images, labels), "examples": n, "seed": seed,
+                "mode": mode, "batch_size": batch_size,
+                "surrogate_fingerprint": None if surrogate is None else model_fingerprint(surrogate)}
+    meta = {"suite": suite.name, "suite_origin": suite.origin, "suite_toml": suite.source,
+            "suite_description": suite.description, "versions": versions(),
+            "image_shape": list(image_shape), "classes": list(classes) if classes else None,
+            "model": repr(model) if len(repr(model)) < 4000 else repr(model)[:4000] + "...",
+            "gcm_layers": len(_gcm_layers(model)),
+            "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
+    specs = suite.attacks
+    # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
+    named = {s.surrogate: _load_surrogate(s.surrogate).to(device) for s in specs
+             if s.through == "transfer" and s.surrogate != "base"}
+    if named:
+        identity["surrogate_fingerprint"] = {"base": identity["surrogate_fingerprint"],
+                                             **{k: model_fingerprint(m) for k, m in named.items()}}
+    targets = [attack_target(s, model, named.get(s.surrogate, surrogate))  # fail early, before any work
+               for s in specs]
+    conn, _resumed = create_or_resume(db_path, identity, meta, specs, image_shape)
+    starts = list(range(0, n, batch_size))
+    done = {(a, b) for a, b in conn.execute("SELECT aid, batch FROM batches")}
+    bar = _Progress(progress, (len(specs) + 1) * len(starts), len(done), suite.name)
+    try:
+        with eval_mode(model):
+            for b, start in enumerate(starts):  # the clean pass
+                if (CLEAN, b) in done:
+                    continue
+                t0 = time.perf_counter()
+                stop = min(start + batch_size, n)
+                pred = predict(model, images[start:stop].to(device), batch_size).cpu()
+                rows = [(start + i, int(labels[start + i]), int(p), int(p == labels[start + i]))
+                        for i, p in enumerate(pred)]
+                with conn:
+                    conn.executemany("INSERT OR REPLACE INTO examples VALUES (?,?,?,?)", rows)
+                    conn.execute("INSERT INTO batches VALUES (?,?,?,?)",
+                                 (CLEAN, b, stop - start, time.perf_counter() - t0))
+                bar.update("clean", b)
+            correct = torch.zeros(n, dtype=torch.bool)
+            for idx, ok in conn.execute("SELECT idx, clean_correct FROM examples"):
+                correct[idx] = bool(ok)
+            for a, (spec, target) in enumerate(zip(specs, targets, strict=True)):
+                for b, start in enumerate(starts):
+                    if (a, b) in done:
+                        continue
+                    _attack_batch(conn, a, b, spec, target, images, labels, correct, start,
+                                  min(start + batch_size, n), mode, seed, image_shape, device,
+                                  samples_per_attack)
+                    bar.update(spec.id, b)
+        if gradient_figure:
+            _store_gradient_figure(conn, model, base, images, labels, classes)
+        if diagnose:
+            _store_diagnostics(conn, model, images, labels, correct, specs, mode, seed, device)
+        with conn:
+            conn.execute("REPLACE INTO meta VALUES ('status', ?)", (json.dumps("complete"),))
+            conn.execute("REPLACE INTO meta VALUES ('finished', ?)", (json.dumps(time.time()),))
+            notes = {s.id: t.note for s, t in zip(specs, targets, strict=True) if t.note}
+            conn.execute("REPLACE INTO meta VALUES ('attack_notes', ?)", (json.dumps(notes),))
+    finally:
+        bar.close()
+        conn.close()
+    return summarize(db_path)
+
+
+def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop, mode, seed,
+                  image_shape, device, samples_per_attack) -> None:
+    index = torch.arange(start, stop)
+    eligible = correct[start:stop].clone()
+    if mode == "worst-case":
+        broken = [i for (i,) in conn.execute(
+            "SELECT idx FROM results WHERE success = 1 AND idx >= ? AND idx < ? AND aid < ?",
+            (start, stop, a))]
+        if broken:
+            eligible[torch.tensor(broken) - start] = False
+    index = index[eligible]
+    t0 = time.perf_counter()
+    rows, sample_rows = [], []
+    if index.numel():
+        x, y = images[index].to(device), labels[index].to(device)
+        result = _call(target, spec, x, y, image_shape, derived_generator(seed, a, b))
+        per_example = (time.perf_counter() - t0) / index.numel()
+        success = result.success.detach().cpu().bool()
+        size = result.perturbation_size.detach().cpu().double()
+        threshold = spec.threshold_for(image_shape)
+        if threshold is not None:  # a minimum-size attack: fooled within the budget only
+            success &= size <= threshold * (1 + 1e-6)
+        queries = result.queries.detach().cpu().long()
+        rows = [(a, int(i), int(s), float(z) if math.isfinite(float(z)) else None, int(q), per_example)
+                for i, s, z, q in zip(index.tolist(), success.tolist(), size.tolist(), queries.tolist(),
+                                      strict=True)]
+        have = conn.execute("SELECT COUNT(*) FROM samples WHERE aid = ?", (a,)).fetchone()[0]
+        if have < samples_per_attack:
+            order = sorted(range(index.numel()), key=lambda j: (not bool(success[j]), j))
+            for j in order[:samples_per_attack - have]:
+                shape, clean = array_blob(x[j])
+                _, adv = array_blob(result.adversarial[j])
+                pshape, pert = array_blob(result.perturbation[j])
+                sample_rows.append((a, int(index[j]), int(success[j]), shape, clean, adv, pshape, pert))
+    with conn:  # one transaction: rows, samples and the done marker together
+        conn.executemany("INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT OR REPLACE INTO samples VALUES (?,?,?,?,?,?,?,?)", sample_rows)
+        conn.execute("INSERT INTO batches VALUES (?,?,?,?)",
+                     (a, b, int(index.numel()), time.perf_counter() - t0))
+
+
+def _store_gradient_figure(conn, model, base, images, labels, classes, count: int = 4) -> None:
+    if conn.execute("SELECT 1 FROM artifacts WHERE name = 'gradient_sign'").fetchone():
+        return
+    from gradshield.evaluation.plots import figure_png, plot_gradient_sign
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    models = {"evaluated model": model} if base is None else {"without GCM": base, "with GCM": model}
+    x, y = images[:count].to(device), labels[:count].to(device)
+    fig = plot_gradient_sign(models, x, y, classes=classes)
+    with conn:
+        conn.execute("INSERT INTO artifacts VALUES ('gradient_sign', 'png', ?)", (figure_png(fig, dpi=90),))
+
+
+def _store_diagnostics(conn, model, images, labels, correct, specs, mode, seed, device) -> None:
+    from gradshield.evaluation.diagnostics import AttackRecord, diagnose
+
+    records = []
+    if mode == "per-attack":
+        matrix = success_matrix(conn, images.shape[0], len(specs))
+        for a, spec in enumerate(specs):
+            eps = spec.eps_for(tuple(images.shape[1:]))
+            if eps is not None:
+                records.append(AttackRecord(spec.id, spec.kind, spec.family, eps,
+                                            torch.from_numpy(matrix[a] == 1)))
+    verdict = diagnose(model, images.to(device), labels.to(device), records=records,
+                       clean_correct=correct, unbounded_examples=min(256, images.shape[0]),
+                       generator=derived_generator(seed, 10_000))
+    payload = {**verdict.to_dict(), "text": verdict.text(),
+               "records": "per-attack results" if records else "none (worst-case mode)"}
+    with conn:
+        conn.execute("REPLACE INTO artifacts VALUES ('diagnostics', 'json', ?)",
+                     (json.dumps(payload, default=float).encode(),))
+
+
