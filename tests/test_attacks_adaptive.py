@@ -93,3 +93,33 @@ def test_transfer_attack_scores_on_the_target(trained_model, test_batch):
         assert torch.equal(result.success, target(result.adversarial).argmax(1) != y)
     assert (result.queries == 1).all()
     assert torch.equal(result.info["surrogate_success"], fgsm(trained_model, x, y, eps=8 / 255).success)
+
+
+def test_bpda_default_sees_through_every_gcm_placement_and_only_marked_modules(trained_model,
+                                                                               test_batch):
+    """A defense marks what BPDA replaces; the evaluation names no defense. With GCM at the
+    front and after two blocks, BPDA's gradient is the undefended model's; an unmarked model
+    gets None (no silent no-op)."""
+    import warnings
+
+    from gradshield.attacks.adaptive import bpda_default, undefended
+    from gradshield.defenses.concealment import ConcealmentWarning, conceal
+
+    x, y = test_batch[0][:8], test_batch[1][:8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConcealmentWarning)
+        concealed = conceal(trained_model, at=["front", "net.block1", "net.block2"])
+    assert bpda_default(trained_model) is None and undefended(trained_model) is None
+    seen = bpda_default(concealed)
+
+    def grad(model):
+        z = x.clone().requires_grad_(True)
+        return torch.autograd.grad(torch.nn.functional.cross_entropy(model(z), y), z)[0]
+
+    plain = undefended(concealed)
+    # GCM moves activations by <= eps = 1e-8, so the gradients agree to float32 noise, not bits
+    through, reference = grad(seen), grad(trained_model)
+    assert (through - reference).norm() <= 1e-3 * reference.norm()
+    assert torch.equal(seen(x), concealed(x))          # forward values unchanged
+    assert torch.equal(plain(x), trained_model(x))      # the undefended copy has no GCM hook left
+    assert not torch.isfinite(grad(concealed)).all() or grad(concealed).abs().max() > 1e6

@@ -193,10 +193,10 @@ def test_half_precision_gradients_are_reported_not_hidden():
     assert not torch.isfinite(fp16.grad).any()  # 1e12 does not fit in float16 (max 65504)
 
 
-def test_unconcealed_gives_the_model_back(trained_model):
+def test_undefended_gives_the_model_back(trained_model):
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     concealed = conceal(trained_model, ["front", "net.block1"], w=1.0, eps=0.1)  # visible GCM
-    plain = concealed.unconcealed()
+    plain = concealed.undefended()
     assert not any(m._forward_hooks for m in plain.modules())
     assert any(m._forward_hooks for m in concealed.model.modules())  # the wrapper keeps its own
     with torch.no_grad():

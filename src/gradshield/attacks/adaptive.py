@@ -5,6 +5,13 @@
   as the identity (or as a given differentiable approximation). Any gradient attack run on the
   copy is then an adaptive attack on the original: the forward values are bit-for-bit equal.
 - :func:`transfer_attack` crafts adversarials on a surrogate and scores them on the target.
+
+How a defense tells adaptive evaluation what to see through (so that the evaluation code names no
+defense): a module whose class sets ``bpda_identity = True`` is what :func:`bpda_default`
+replaces by the identity, and a model with an ``undefended()`` method returns, there, itself
+without the inference-time defense (the natural surrogate of a transfer attack,
+:func:`undefended`). :class:`gradshield.defenses.concealment.GradientConcealment` and
+:class:`~gradshield.defenses.concealment.ConcealedModel` do both.
 """
 
 from __future__ import annotations
@@ -93,3 +100,23 @@ def transfer_attack(attack: Callable[..., AttackResult], surrogate: nn.Module, t
                         queries=torch.ones_like(crafted.queries), perturbation=crafted.perturbation,
                         info={"surrogate_queries": crafted.queries,
                               "surrogate_success": crafted.success})
+
+
+def marked_for_bpda(module: nn.Module) -> bool:
+    """Whether a defense marked ``module`` (class attribute ``bpda_identity = True``) as one that
+    adaptive attacks should back-propagate through as the identity."""
+    return bool(getattr(module, "bpda_identity", False))
+
+
+def bpda_default(model: nn.Module) -> nn.Module | None:
+    """:func:`bpda` of every module a defense marked (:func:`marked_for_bpda`); None if none is."""
+    if not any(marked_for_bpda(m) for m in model.modules()):
+        return None
+    return bpda(model, marked_for_bpda)
+
+
+def undefended(model: nn.Module) -> nn.Module | None:
+    """The model without its inference-time defense, where the model provides one
+    (``model.undefended()``); None otherwise."""
+    method = getattr(model, "undefended", None)
+    return method() if callable(method) else None

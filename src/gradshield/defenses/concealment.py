@@ -72,6 +72,9 @@ class GradientConcealment(nn.Module):
     :func:`gradshield.evaluation.diagnostics.gradient_health` reports. No parameters, no buffers.
     """
 
+    #: adaptive attacks back-propagate through GCM as the identity (gradshield.attacks.bpda_default)
+    bpda_identity = True
+
     def __init__(self, w: float = 1e20, eps: float = 1e-8) -> None:
         super().__init__()
         w, eps = float(w), float(eps)
@@ -153,7 +156,7 @@ class ConcealedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.gcm(x) if self.front else x)
 
-    def unconcealed(self) -> nn.Module:
+    def undefended(self) -> nn.Module:
         """A deep copy of the wrapped model with every GCM hook removed: the model without GCM
         (e.g. the surrogate of a transfer attack). ``self.model`` itself keeps its hooks."""
         plain = copy.deepcopy(self.model)

@@ -72,11 +72,13 @@ def overview(runs, names) -> Section:
     for name, run in zip(names, runs, strict=True):
         m = run.meta
         gcm = m.get("gcm")
+        defense = m.get("defense") or (
+            f"GCM at {gcm['at']} (w={gcm['w']:g}, eps={gcm['eps']:g})" if gcm else
+            (f"modules marked for BPDA: {m['bpda_modules']}" if m.get("bpda_modules") else "none"))
         data = m.get("data") or {}
         rows.append([name, m.get("suite", "?"), str(m.get("checkpoint", "(in-process model)")),
                      (m.get("checkpoint_sha256") or m.get("model_fingerprint", ""))[:12],
-                     f"GCM at {gcm['at']} (w={gcm['w']:g}, eps={gcm['eps']:g})" if gcm else
-                     (f"GCM layers: {m['gcm_layers']}" if m.get("gcm_layers") else "none"),
+                     defense,
                      f"{data.get('dataset', '?')} {data.get('split', '')}, {run.n} examples",
                      str(m.get("seed")), m.get("mode"),
                      "complete" if run.complete else

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradshield.attacks.adaptive import bpda_default, marked_for_bpda, undefended
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.store import (
     CLEAN,
@@ -48,19 +49,6 @@ from gradshield.utils import derived_generator, eval_mode
 # --------------------------------------------------------------------------- models per attack
 
 
-def _gcm_layers(model: nn.Module):
-    from gradshield.defenses.concealment import GradientConcealment
-
-    return [m for m in model.modules() if isinstance(m, GradientConcealment)]
-
-
-def base_model(model: nn.Module) -> nn.Module | None:
-    """The model without GCM if ``model`` came from :func:`gradshield.defenses.concealment.conceal`."""
-    from gradshield.defenses.concealment import ConcealedModel
-
-    return model.model if isinstance(model, ConcealedModel) else None
-
-
 @dataclass
 class AttackTarget:
     """How to run one suite entry: the function and the model(s) it gets."""
@@ -74,23 +62,18 @@ class AttackTarget:
 def attack_target(spec: AttackSpec, model: nn.Module, surrogate: nn.Module | None) -> AttackTarget:
     fn = attack_function(spec.attack)
     if spec.through == "bpda":
-        from gradshield.attacks import bpda
-        from gradshield.defenses.concealment import ConcealedModel, GradientConcealment
-
-        if not _gcm_layers(model):
-            return AttackTarget(fn, model, note="no GCM layer in the model: BPDA = white-box")
-        if isinstance(model, ConcealedModel) and set(model.placements) - {"front"}:
-            raise GradshieldError(
-                f"attack {spec.id!r}: BPDA needs GCM at 'front' only; placements after modules "
-                f"{sorted(set(model.placements) - {'front'})} are forward hooks that bpda() cannot "
-                "replace. Evaluate with --gcm front for the BPDA rows")
-        return AttackTarget(fn, bpda(model, lambda m: isinstance(m, GradientConcealment)),
-                            note="GCM back-propagates as the identity")
+        approximated = bpda_default(model)
+        if approximated is None:
+            return AttackTarget(fn, model, note="no module of the model is marked for BPDA: "
+                                                "BPDA = white-box")
+        return AttackTarget(fn, approximated, note="the defense's marked modules back-propagate "
+                                                   "as the identity")
     if spec.through == "transfer":
         if surrogate is None:
             return AttackTarget(fn, model, surrogate=model,
-                                note="no GCM to remove and no surrogate given: crafted on the model "
-                                     "itself (white-box); pass --surrogate CHECKPOINT for a transfer")
+                                note="no defense to remove and no surrogate given: crafted on the "
+                                     "model itself (white-box); pass --surrogate CHECKPOINT for a "
+                                     "transfer")
         return AttackTarget(fn, model, surrogate=surrogate)
     return AttackTarget(fn, model)
 
@@ -158,7 +141,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
         raise GradshieldError(f"batch_size must be >= 1, got {batch_size}")
     check_images(images)
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
-    base = base_model(model)
+    base = undefended(model)
     if num_classes is None and base is not None:
         num_classes = getattr(getattr(base, "config", None), "num_classes", None)
     if classes is not None and num_classes is not None and len(classes) != num_classes:
@@ -178,7 +161,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "suite_description": suite.description, "versions": versions(),
             "image_shape": list(image_shape), "classes": list(classes) if classes else None,
             "model": repr(model) if len(repr(model)) < 4000 else repr(model)[:4000] + "...",
-            "gcm_layers": len(_gcm_layers(model)),
+            "bpda_modules": sum(marked_for_bpda(m) for m in model.modules()),
             "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
     specs = suite.attacks
     # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
@@ -281,7 +264,8 @@ def _store_gradient_figure(conn, model, base, images, labels, classes, count: in
     from gradshield.evaluation.plots import figure_png, plot_gradient_sign
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    models = {"evaluated model": model} if base is None else {"without GCM": base, "with GCM": model}
+    models = ({"evaluated model": model} if base is None
+              else {"without the defense": base, "with the defense": model})
     x, y = images[:count].to(device), labels[:count].to(device)
     fig = plot_gradient_sign(models, x, y, classes=classes)
     with conn:
