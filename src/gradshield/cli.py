@@ -291,10 +291,51 @@ def evaluate_suite(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.experiment:
+        if args.runs:
+            raise GradshieldError("give results files or --experiment FILE, not both")
+        return _experiment_report(args, command=None)
+    if not args.runs:
+        raise GradshieldError("give one or more results files (RUN.db), or --experiment FILE")
     from gradshield.evaluation.report import write_report
 
-    print(json.dumps(write_report(args.runs, args.out, title=args.title)))
+    print(json.dumps(write_report(args.runs, args.out or "runs/report", title=args.title)))
     return 0
+
+
+def _experiment_report(args: argparse.Namespace, command: str | None) -> int:
+    """Render an experiment's report from its stored results; ``command`` None: the command
+    stored by the last ``gradshield experiment`` of this work folder."""
+    from gradshield.evaluation.execute import default_workspace, stored_command
+    from gradshield.evaluation.experiment import load_experiment
+    from gradshield.evaluation.experiment_report import write_experiment_report
+
+    experiment = load_experiment(args.experiment)
+    workspace = default_workspace(experiment, args.work_dir)
+    if not workspace.root.is_dir():
+        raise GradshieldError(f"no results of experiment {experiment.name!r} in {workspace.root}; "
+                              f"run `gradshield experiment {args.experiment}` first (or pass "
+                              "--work-dir)")
+    command = command or stored_command(workspace) or " ".join(["gradshield", *sys.argv[1:]])
+    written = write_experiment_report(experiment, workspace, args.out or "results", command=command)
+    print(json.dumps(written))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from gradshield.evaluation.execute import default_workspace, run_experiment, store_command
+    from gradshield.evaluation.experiment import load_experiment
+
+    experiment = load_experiment(args.experiment)
+    workspace = default_workspace(experiment, args.work_dir)
+    command = " ".join(["gradshield", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else \
+        f"gradshield experiment {args.experiment}"
+    if not args.report_only:
+        store_command(workspace, command)
+        run_experiment(experiment, workspace, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                       device=args.device, progress=args.progress,
+                       only=args.only.split(",") if args.only else None, command=command)
+    return _experiment_report(args, command=None if args.report_only else command)
 
 
 def quickstart_table(vanilla: dict, concealed: dict) -> str:
@@ -404,13 +445,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Markdown + self-contained HTML report of results files "
                                       "(several are compared side by side)")
-    p.add_argument("runs", nargs="+", metavar="RUN.db",
+    p.add_argument("runs", nargs="*", metavar="RUN.db",
                    help="results files written by `gradshield evaluate --suite`; several are "
                         "shown side by side")
-    p.add_argument("--out", default="runs/report",
-                   help="output folder for report.md (+ PNGs) and report.html (default: %(default)s)")
+    p.add_argument("--experiment", default=None, metavar="FILE",
+                   help="instead: render an experiment's report from its stored results "
+                        "(Markdown + PNG + JSON into --out, default results/)")
+    p.add_argument("--work-dir", default=None,
+                   help="with --experiment: its work folder (default: "
+                        "<cache>/experiments/<name>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/report; results/ with --experiment)")
     p.add_argument("--title", default=None, help="report title")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("experiment", help="run an experiment file (models x variants x suites, "
+                                          "resumable) and write its report")
+    p.add_argument("experiment", metavar="FILE",
+                   help="an experiment .toml (see experiments/), or its name in experiments/")
+    p.add_argument("--work-dir", default=None,
+                   help="where models, results files and analyses are kept (default: "
+                        "<cache>/experiments/<name>); rerun the same command to resume")
+    p.add_argument("--out", default=None, help="where the report goes (default: results/)")
+    p.add_argument("--only", default=None, metavar="MODELS",
+                   help="comma-separated models or grids: run only their runs and analyses")
+    p.add_argument("--report-only", action="store_true",
+                   help="render the report from what is stored; run nothing")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
+                   help="progress display (default: %(default)s)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the data (default: $GRADSHIELD_DATA, else ./data)")
+    p.add_argument("--cache-dir", default=None, help="folder for decoded tensors (default: "
+                                                     "$GRADSHIELD_CACHE, else ~/.cache/gradshield)")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("quickstart", help="train the default model briefly, attack it with and "
                                           "without GCM, print a table, write a report")

@@ -81,7 +81,7 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and bf16_is_fast())
 
 
-def _config_fingerprint(model: nn.Module, config: TrainConfig, recipe: Recipe,
+def config_fingerprint(model: nn.Module, config: TrainConfig, recipe: Recipe,
                         n_train: int) -> dict:
     model_config = getattr(model, "config", None)
     return {"train": asdict(config), "recipe": recipe.describe(), "n_train": n_train,
@@ -122,7 +122,7 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
     device = next(model.parameters()).device
-    fingerprint = _config_fingerprint(model, config, recipe, len(train_data))
+    fingerprint = config_fingerprint(model, config, recipe, len(train_data))
     _check_data_fits_model(model, train_data, "training")
     if test_data is not None:
         _check_data_fits_model(model, test_data, "test")

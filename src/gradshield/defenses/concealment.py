@@ -235,3 +235,26 @@ def conceal(model: nn.Module, at: str | Sequence[str] = FRONT, *, w: float = 1e2
             "for that reason alone; gradshield.evaluation.diagnostics.gradient_health reports it",
             ConcealmentWarning, stacklevel=2)
     return wrapped
+
+
+def concealment_facts(model: nn.Module, x: torch.Tensor) -> dict:
+    """What the GCM layer of ``model`` (a :class:`ConcealedModel`) does to the values ``x`` in
+    float32: its largest change, the share of values it changes at all, the median size and the
+    sign of its gradient factor ``1 + eps*w*cos(w*x)``, and how often moving a value up by one
+    float32 step flips that sign."""
+    if not isinstance(model, ConcealedModel):
+        raise GradshieldError("concealment_facts needs a model made by conceal()")
+    gcm = model.gcm
+    x = x.detach().float()
+    with torch.enable_grad():
+        z = x.clone().requires_grad_(True)
+        out = gcm(z)
+        (factor,) = torch.autograd.grad(out.sum(), z)
+        nudged = torch.nextafter(x, torch.full_like(x, 2.0)).requires_grad_(True)
+        (factor_next,) = torch.autograd.grad(gcm(nudged).sum(), nudged)
+    return {"w": gcm.w, "eps": gcm.eps, "values": int(x.numel()),
+            "max_abs_change": float((out.detach() - x).abs().max()),
+            "share_values_changed": float((out.detach() != x).float().mean()),
+            "median_abs_gradient_factor": float(factor.abs().median()),
+            "share_factor_positive": float((factor > 0).float().mean()),
+            "share_sign_flips_one_ulp_up": float(((factor > 0) != (factor_next > 0)).float().mean())}

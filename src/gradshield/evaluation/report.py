@@ -379,10 +379,13 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def to_markdown(sections: list[Section], out: Path, title: str) -> str:
-    lines = [f"# {title}", ""]
+def to_markdown(sections: list[Section], out: Path, title: str, *, heading_level: int = 2,
+                intro: str = "") -> str:
+    """Markdown of the sections; figures are written as PNG files into ``out``."""
+    lines = [f"# {title}", ""] + ([intro, ""] if intro else [])
     for s in sections:
-        lines += [f"## {s.title}", ""]
+        if s.title:
+            lines += [f"{'#' * heading_level} {s.title}", ""]
         for block in s.blocks:
             if block[0] == "table":
                 _, head, rows = block
@@ -428,7 +431,8 @@ def to_html(sections: list[Section], title: str) -> str:
              f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for s in sections:
-        parts.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.title:
+            parts.append(f"<h2>{html.escape(s.title)}</h2>")
         for block in s.blocks:
             if block[0] == "table":
                 _, head, rows = block

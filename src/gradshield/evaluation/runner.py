@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from gradshield.attacks.adaptive import bpda_default, marked_for_bpda, undefended
+from gradshield.attacks.base import AttackResult, is_adversarial
 from gradshield.errors import GradshieldError
+from gradshield.evaluation.crafted import Crafted, CraftedStore, crafted_key
 from gradshield.evaluation.store import (
     CLEAN,
     FORMAT,
@@ -88,11 +90,34 @@ def _call(target: AttackTarget, spec: AttackSpec, x, y, image_shape, generator):
     kwargs = spec.kwargs_for(image_shape)
     if "generator" in inspect.signature(target.function).parameters:
         kwargs["generator"] = generator
-    if target.surrogate is not None:
-        from gradshield.attacks import transfer_attack
-
-        return transfer_attack(target.function, target.surrogate, target.model, x, y, **kwargs)
     return target.function(target.model, x, y, **kwargs)
+
+
+def _transfer(target: AttackTarget, spec: AttackSpec, x_batch, y_batch, rows, image_shape,
+              generator_key, crafted: CraftedStore | None, surrogate_fingerprint: str) -> AttackResult:
+    """A transfer entry on one batch: adversarials crafted on the surrogate for the WHOLE batch
+    (so they depend on the surrogate, attack, examples and seed only; reused from ``crafted``
+    when there), scored on the target for the ``rows`` it attacks."""
+    key = crafted_key(surrogate_fingerprint, spec.to_dict(), list(image_shape), generator_key,
+                      tensor_digest(x_batch, y_batch))
+    made = crafted.get(key) if crafted is not None else None
+    if made is None:
+        result = _call(AttackTarget(target.function, target.surrogate), spec, x_batch, y_batch,
+                       image_shape, derived_generator(*generator_key))
+        made = Crafted(result.adversarial.detach().cpu(), result.perturbation.detach().cpu(),
+                       result.perturbation_size.detach().cpu())
+        if crafted is not None:
+            crafted.put(key, made, {"attack": spec.id, "surrogate": surrogate_fingerprint,
+                                    "generator": generator_key})
+    device = x_batch.device
+    adversarial = made.adversarial[rows].to(device)
+    with eval_mode(target.model), torch.no_grad():
+        success = is_adversarial(target.model(adversarial), y_batch[rows],
+                                 bool(spec.hyper.get("targeted", False)))
+    return AttackResult(adversarial=adversarial, success=success,
+                        perturbation_size=made.size[rows].to(device),
+                        queries=torch.ones(len(rows), dtype=torch.long, device=device),
+                        perturbation=made.perturbation[rows].to(device))
 
 
 # --------------------------------------------------------------------------- the runner
@@ -125,12 +150,15 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
               mode: str = "per-attack", classes: Sequence[str] | None = None,
               surrogate: nn.Module | None = None, samples_per_attack: int = 4,
               diagnose: bool = False, gradient_figure: bool = True, info: dict | None = None,
-              progress: str = "bar") -> dict:
+              progress: str = "bar", crafted: str | os.PathLike | None = None) -> dict:
     """Run ``suite`` on (``images`` in [0, 1], ``labels``) and store everything in ``db_path``.
 
-    ``surrogate`` (for ``through = "transfer"`` entries): defaults to the model without GCM when
-    the model came from ``conceal``. ``info``: extra run metadata to store (command, checkpoint,
-    data description). ``progress``: ``"bar"``, ``"lines"`` or ``"none"``. Returns :func:`summarize`.
+    ``surrogate`` (for ``through = "transfer"`` entries): defaults to the model without its
+    inference-time defense where it has one (:func:`gradshield.attacks.adaptive.undefended`).
+    ``crafted``: an SQLite file where transfer adversarials are kept and reused across targets
+    (:mod:`gradshield.evaluation.crafted`). ``info``: extra run metadata to store (command,
+    checkpoint, data description). ``progress``: ``"bar"``, ``"lines"`` or ``"none"``.
+    Returns :func:`summarize`.
     """
     from gradshield.metrics import predict
     from gradshield.validation import check_images, check_labels
@@ -173,6 +201,9 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     targets = [attack_target(s, model, named.get(s.surrogate, surrogate))  # fail early, before any work
                for s in specs]
     conn, _resumed = create_or_resume(db_path, identity, meta, specs, image_shape)
+    store = CraftedStore(crafted) if crafted is not None else None
+    fingerprints = {id(m): model_fingerprint(m) for m in {id(t.surrogate): t.surrogate
+                                                          for t in targets if t.surrogate}.values()}
     starts = list(range(0, n, batch_size))
     done = {(a, b) for a, b in conn.execute("SELECT aid, batch FROM batches")}
     bar = _Progress(progress, (len(specs) + 1) * len(starts), len(done), suite.name)
@@ -200,7 +231,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
                         continue
                     _attack_batch(conn, a, b, spec, target, images, labels, correct, start,
                                   min(start + batch_size, n), mode, seed, image_shape, device,
-                                  samples_per_attack)
+                                  samples_per_attack, store, fingerprints)
                     bar.update(spec.id, b)
         if gradient_figure:
             _store_gradient_figure(conn, model, base, images, labels, classes)
@@ -218,7 +249,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
 
 
 def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop, mode, seed,
-                  image_shape, device, samples_per_attack) -> None:
+                  image_shape, device, samples_per_attack, crafted, fingerprints) -> None:
     index = torch.arange(start, stop)
     eligible = correct[start:stop].clone()
     if mode == "worst-case":
@@ -232,7 +263,12 @@ def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop
     rows, sample_rows = [], []
     if index.numel():
         x, y = images[index].to(device), labels[index].to(device)
-        result = _call(target, spec, x, y, image_shape, derived_generator(seed, a, b))
+        if target.surrogate is not None:
+            result = _transfer(target, spec, images[start:stop].to(device),
+                               labels[start:stop].to(device), index - start, image_shape,
+                               (seed, a, b), crafted, fingerprints[id(target.surrogate)])
+        else:
+            result = _call(target, spec, x, y, image_shape, derived_generator(seed, a, b))
         per_example = (time.perf_counter() - t0) / index.numel()
         success = result.success.detach().cpu().bool()
         size = result.perturbation_size.detach().cpu().double()

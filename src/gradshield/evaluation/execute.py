@@ -1,0 +1,293 @@
+"""Run an experiment: build (or train) its models, run each suite into its results file, compute
+its analyses. Every step resumes: training from its epoch checkpoints, each results file from its
+last finished batch, each analysis once stored.
+
+The work folder (``--work-dir``, default ``<cache>/experiments/<name>``) holds::
+
+    models/<model>/checkpoint.pt   models the experiment trains (and metrics.jsonl)
+    runs/<run key>.db              one results file per (model, suite, through, examples, mode)
+    crafted.db                     transfer adversarials, reused across target models
+    analyses.db                    the analyses' stored outputs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradshield.errors import GradshieldError
+from gradshield.evaluation.experiment import Experiment, ModelSpec, RunSpec, budget
+from gradshield.evaluation.suites import Suite
+
+DEFAULT_BATCH = 250
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Where an experiment keeps its models, results files and stored analyses."""
+
+    root: Path
+
+    def run_path(self, run: RunSpec) -> Path:
+        return self.root / "runs" / f"{run.key}.db"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    @property
+    def crafted(self) -> Path:
+        return self.root / "crafted.db"
+
+    @property
+    def analyses(self) -> Path:
+        return self.root / "analyses.db"
+
+
+def default_workspace(experiment: Experiment, work_dir: str | os.PathLike | None = None) -> Workspace:
+    from gradshield.paths import cache_dir
+
+    root = Path(work_dir) if work_dir is not None else cache_dir() / "experiments" / experiment.name
+    return Workspace(root.expanduser().resolve())
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class ExperimentData:
+    """The evaluation examples: a seeded random subset of the test split, in random order (so the
+    first k of them, which a run with ``examples = k`` uses, are a random subset too)."""
+
+    images: torch.Tensor            # float32 in [0, 1], (N, C, H, W)
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    order: torch.Tensor             # their indices in the test split
+    info: dict
+    train: object = field(repr=False, default=None)  # the ImageData training split
+    test: object = field(repr=False, default=None)   # the whole ImageData test split
+
+    def first(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if k is None:
+            return self.images, self.labels
+        if k > self.images.shape[0]:
+            raise GradshieldError(f"a run asks for {k} examples but the experiment's data has "
+                                  f"{self.images.shape[0]}; raise [data] examples")
+        return self.images[:k], self.labels[:k]
+
+
+def experiment_data(experiment: Experiment, data_dir=None, cache_dir=None) -> ExperimentData:
+    from gradshield.data import load_dataset
+
+    dataset = experiment.data.get("dataset", "cifar10")
+    train, test = load_dataset(dataset, data_dir, cache_dir)
+    n = experiment.examples or len(test)
+    if n > len(test):
+        raise GradshieldError(f"[data] examples = {n} but the {dataset} test split has {len(test)}")
+    generator = torch.Generator().manual_seed(experiment.seed)
+    order = torch.randperm(len(test), generator=generator)[:n]
+    images = test.images[order].float().div_(255.0)
+    info = {"dataset": dataset, "split": "test", "examples": n,
+            "subset": f"torch.randperm(len(test), seed={experiment.seed})[:{n}], in that order"}
+    return ExperimentData(images, test.labels[order], tuple(test.classes), order, info, train, test)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _train_config(spec: dict, seed: int):
+    from gradshield.training import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in spec.items() if k in fields}
+    values.setdefault("seed", seed)
+    return TrainConfig(**values)
+
+
+def _recipe(spec: dict, where: str):
+    from gradshield.defenses.recipes import make_recipe
+
+    options = {}
+    for key, value in spec.get("options", {}).items():  # "3/255" budgets as in suites
+        options[key] = budget(value, f"{where} option {key}") if isinstance(value, str) \
+            and "/" in value else value
+    return make_recipe(spec.get("defense", "standard"), **options)
+
+
+def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, data: ExperimentData,
+                *, progress: bool = False) -> Path:
+    """Train (or resume, or find finished) a model of the experiment; returns its checkpoint."""
+    from gradshield.models import create_model
+    from gradshield.training import CHECKPOINT_NAME, train
+
+    where = f"model {spec.name!r}"
+    config = _train_config(spec.train, experiment.seed)
+    recipe = _recipe(spec.train, where)
+    run_dir = workspace.model_dir(spec.name)
+    ckpt = run_dir / CHECKPOINT_NAME
+    train_data = data.train.subset(spec.train.get("train_limit"), seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = create_model(spec.train["model"], num_classes=len(data.classes),
+                         width=float(spec.train.get("width", 1.0)),
+                         input_size=tuple(train_data.image_shape[1:]))
+    if ckpt.is_file():  # finished already? (train() itself refuses a checkpoint of other settings)
+        from gradshield.checkpoint import read_checkpoint
+        from gradshield.training import config_fingerprint
+
+        blob = read_checkpoint(ckpt)
+        if blob.get("fingerprint") != config_fingerprint(model, config, recipe, len(train_data)):
+            raise GradshieldError(
+                f"{run_dir} holds model {spec.name!r} trained with other settings (or by another "
+                "gradshield version); delete that folder to retrain it, or pass another --work-dir")
+        if blob.get("epoch", -1) + 1 >= config.epochs:
+            return ckpt
+    test_data = data.test if spec.train.get("eval_test", False) else None
+    print(f"[{experiment.name}] training {spec.name}: {recipe.describe()}", file=sys.stderr,
+          flush=True)
+    train(model, train_data, test_data, config, run_dir, recipe=recipe, progress=progress,
+          extra_metadata={"experiment": experiment.name, "model_name": spec.name,
+                          "dataset": experiment.data.get("dataset"),
+                          "train_limit": spec.train.get("train_limit")})
+    return ckpt
+
+
+class Models:
+    """The experiment's models by name, built once per process (trained or loaded as needed)."""
+
+    def __init__(self, experiment: Experiment, workspace: Workspace, data: ExperimentData, *,
+                 device: torch.device, progress: bool = False) -> None:
+        self.experiment, self.workspace, self.data = experiment, workspace, data
+        self.device, self.progress = device, progress
+        self._built: dict[str, nn.Module] = {}
+
+    def checkpoint(self, name: str) -> Path | None:
+        spec = self.experiment.models[name]
+        while spec.base is not None:
+            spec = self.experiment.models[spec.base]
+        if spec.checkpoint is not None:
+            path = Path(spec.checkpoint)
+            if not path.is_absolute() and self.experiment.path is not None and \
+                    (self.experiment.path.parent / path).is_file():
+                path = self.experiment.path.parent / path
+            return path
+        return self.workspace.model_dir(spec.name) / "checkpoint.pt"
+
+    def __call__(self, name: str) -> nn.Module:
+        if name not in self._built:
+            self._built[name] = self._build(self.experiment.models[name]).to(self.device).eval()
+        return self._built[name]
+
+    def _build(self, spec: ModelSpec) -> nn.Module:
+        from gradshield.checkpoint import load_model
+
+        if spec.base is not None:
+            from gradshield.defenses.concealment import ConcealmentWarning, conceal
+
+            with warnings.catch_warnings():  # stacked placements: reported by the analyses
+                warnings.simplefilter("ignore", ConcealmentWarning)
+                return conceal(self(spec.base), at=spec.gcm["at"], w=spec.gcm["w"],
+                               eps=spec.gcm["eps"])
+        if spec.train is not None:
+            train_model(spec, self.experiment, self.workspace, self.data, progress=self.progress)
+        model, blob = load_model(self.checkpoint(spec.name))
+        classes = blob.get("classes")
+        if classes is not None and tuple(classes) != tuple(self.data.classes):
+            raise GradshieldError(
+                f"model {spec.name!r} was trained on the classes {list(classes)[:4]}... but the "
+                f"experiment's data set has {list(self.data.classes)[:4]}...; evaluate it on the "
+                "data it was trained on")
+        return model
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def run_suite_of(experiment: Experiment, run: RunSpec) -> Suite:
+    """The run's suite, with every entry sent through ``run.through`` when the run asks."""
+    suite = experiment.suite(run.suite)
+    if run.through is None:
+        return suite
+    kind = {"bpda": "bpda", "transfer": "transfer"}[run.through]
+    specs = tuple(dataclasses.replace(s, through=run.through, kind=kind) for s in suite.attacks)
+    return dataclasses.replace(suite, name=f"{suite.name} (through {run.through})", attacks=specs)
+
+
+def execute_run(run: RunSpec, experiment: Experiment, workspace: Workspace, data: ExperimentData,
+                models: Models, *, progress: str = "bar", command: str = "") -> dict:
+    """One results file of the experiment (resumes); returns its summary."""
+    from gradshield.evaluation.runner import run_suite
+
+    model = models(run.model)
+    surrogate = models(run.surrogate) if run.surrogate else None
+    x, y = data.first(run.examples)
+    checkpoint = models.checkpoint(run.model)
+    spec = experiment.models[run.model]
+    info = {"command": command, "experiment": experiment.name, "model_name": run.model,
+            "model_spec": spec.describe(), "checkpoint": str(checkpoint),
+            "defense": (f"GCM at {spec.gcm['at']} (w={spec.gcm['w']:g}, eps={spec.gcm['eps']:g})"
+                        if spec.gcm else None),
+            "through": run.through, "surrogate_name": run.surrogate,
+            "data": {**data.info, "examples_used": int(x.shape[0])}}
+    return run_suite(model, x.to(models.device), y.to(models.device), run_suite_of(experiment, run),
+                     workspace.run_path(run), seed=experiment.seed, batch_size=run.batch_size,
+                     mode=run.mode, classes=data.classes, surrogate=surrogate,
+                     samples_per_attack=run.samples, info=info, progress=progress,
+                     crafted=workspace.crafted, gradient_figure=False)
+
+
+def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=None, cache_dir=None,
+                   device: str = "cpu", progress: str = "bar", only: list[str] | None = None,
+                   command: str = "") -> dict:
+    """Everything the experiment declares, in file order: runs, then analyses. ``only``: run only
+    the runs and analyses of these models. Returns {run key: summary}."""
+    from gradshield.evaluation.analyses import execute_analysis
+
+    data = experiment_data(experiment, data_dir, cache_dir)
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    models = Models(experiment, workspace, data, device=torch_device, progress=progress == "bar")
+    wanted = set(experiment.expand(only, "--only")) if only else None
+    summaries = {}
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    (workspace.root / "experiment.toml").write_text(experiment.source)
+    (workspace.root / "data.json").write_text(json.dumps({**data.info, "classes": list(data.classes)}))
+    for run in experiment.runs:
+        if wanted is not None and run.model not in wanted:
+            continue
+        print(f"[{experiment.name}] {run.key}", file=sys.stderr, flush=True)
+        summaries[run.key] = execute_run(run, experiment, workspace, data, models,
+                                         progress=progress, command=command)
+    for entry in experiment.analyses:
+        names = experiment.expand(entry.get("models", []), "analysis")
+        if wanted is not None and not set(names) & wanted:
+            continue
+        print(f"[{experiment.name}] analysis {entry['id']}", file=sys.stderr, flush=True)
+        execute_analysis(entry, experiment, workspace, data, models)
+    return summaries
+
+
+def experiment_classes(experiment: Experiment, workspace: Workspace) -> tuple[str, ...]:
+    """The class names of the experiment's data, as stored when it ran."""
+    path = workspace.root / "data.json"
+    if path.is_file():
+        return tuple(json.loads(path.read_text())["classes"])
+    return ()
+
+
+def store_command(workspace: Workspace, command: str) -> None:
+    """Remember the command that runs the experiment (the report names it)."""
+    workspace.root.mkdir(parents=True, exist_ok=True)
+    (workspace.root / "command.txt").write_text(command + "\n")
+
+
+def stored_command(workspace: Workspace) -> str | None:
+    path = workspace.root / "command.txt"
+    return path.read_text().strip() if path.is_file() else None
