@@ -66,22 +66,38 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="architecture (default: %(default)s, the 2-core CPU net)")
     model.add_argument("--width", type=float, default=1.0,
                        help="channel-width multiplier (default: %(default)s)")
-    opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size,
-                     help="images per step (default: %(default)s)")
-    opt.add_argument("--lr", type=float, default=d.lr,
-                     help="peak learning rate of SGD with Nesterov momentum, reached after the "
-                          "warm-up, then decayed linearly to 0 (default: %(default)s)")
-    opt.add_argument("--momentum", type=float, default=d.momentum,
-                     help="(default: %(default)s)")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                     help="L2 weight decay (default: %(default)s)")
-    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                     help="linear LR warm-up length in epochs (default: %(default)s)")
-    opt.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "off"),
+    opt = parser.add_argument_group(
+        "optimisation", "unset options take the --preset's value, else gradshield's default")
+    from gradshield.training import PRESETS
+
+    opt.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                     help="named settings: fgr-paper (the FGR paper, Sec. 5.1: 60 epochs, lr 0.1 "
+                          "divided by 10 after 30 and 50, momentum 0.9, weight decay 5e-4, batch "
+                          "128), fgr-code (the FGR authors' code: 80 epochs, lr 0.01 divided by "
+                          "10 after 40 and 60, batch 128)")
+    opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {d.epochs})")
+    opt.add_argument("--batch-size", type=int, default=None,
+                     help=f"images per step (default: {d.batch_size})")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="peak learning rate of SGD, reached after the warm-up (default: "
+                          f"{d.lr})")
+    opt.add_argument("--schedule", default=None, choices=("linear", "step"),
+                     help="after the warm-up: linear decay to 0, or step (lr x --gamma at each of "
+                          f"--milestones) (default: {d.schedule})")
+    opt.add_argument("--milestones", type=int, nargs="*", default=None, metavar="EPOCH",
+                     help="epochs where a step schedule multiplies the lr by --gamma")
+    opt.add_argument("--gamma", type=float, default=None,
+                     help=f"step schedule's factor (default: {d.gamma})")
+    opt.add_argument("--momentum", type=float, default=None, help=f"(default: {d.momentum})")
+    opt.add_argument("--nesterov", default=None, action=argparse.BooleanOptionalAction,
+                     help="Nesterov momentum (default: on)")
+    opt.add_argument("--weight-decay", type=float, default=None,
+                     help=f"L2 weight decay (default: {d.weight_decay})")
+    opt.add_argument("--warmup-epochs", type=float, default=None,
+                     help=f"linear LR warm-up length in epochs (default: {d.warmup_epochs})")
+    opt.add_argument("--amp", default=None, choices=("auto", "bf16", "off"),
                      help="bfloat16 autocast for training: auto uses it where the CPU/GPU runs it "
-                          "natively (weights and evaluation stay float32) (default: %(default)s)")
+                          f"natively (weights and evaluation stay float32) (default: {d.amp})")
     opt.add_argument("--no-augment", action="store_true",
                      help="disable the random crop (after 4-pixel zero padding) and horizontal flip")
     opt.add_argument("--seed", type=int, default=d.seed,
@@ -150,16 +166,29 @@ def _make_recipe(args: argparse.Namespace):
                                                      recipe_fields(args.defense)))
 
 
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of ``train``/``quickstart`` options: the preset, then the options given."""
+    from gradshield.training import PRESETS, TrainConfig
+
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    for key in ("epochs", "batch_size", "lr", "schedule", "gamma", "momentum", "nesterov",
+                "weight_decay", "warmup_epochs", "amp"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.milestones is not None:
+        values["milestones"] = tuple(args.milestones)
+    config = TrainConfig(**values, seed=args.seed, augment=not args.no_augment)
+    config.validate()
+    return config
+
+
 def _train(args: argparse.Namespace):
     from gradshield.models import create_model
-    from gradshield.training import TrainConfig, train
+    from gradshield.training import train
 
     recipe = _make_recipe(args)  # bad options fail before the data loads
     train_data, test_data = _load_data(args)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         momentum=args.momentum, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, seed=args.seed, amp=args.amp,
-                         augment=not args.no_augment)
+    config = train_config(args)
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
                          input_size=tuple(train_data.image_shape[1:]))

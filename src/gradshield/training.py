@@ -29,9 +29,16 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+SCHEDULES = ("linear", "step")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. ``lr`` is the peak learning rate (per batch of ``batch_size``)."""
+    """Optimisation settings. ``lr`` is the peak learning rate (per batch of ``batch_size``).
+
+    ``schedule``: "linear" (warm-up over ``warmup_epochs``, then linear decay to 0; gradshield's
+    default) or "step" (``lr`` multiplied by ``gamma`` at each epoch in ``milestones``, after the
+    warm-up if any). ``nesterov``: SGD with Nesterov momentum."""
 
     epochs: int = 20
     batch_size: int = 256
@@ -43,11 +50,25 @@ class TrainConfig:
     amp: str = "auto"  # "bf16": bfloat16 autocast on CPU; "off": float32; "auto": bf16 if fast
     channels_last: bool = True
     augment: bool = True
+    schedule: str = "linear"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    nesterov: bool = True
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise GradshieldError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.schedule not in SCHEDULES:
+            raise GradshieldError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if any(not isinstance(m, int) or m < 1 for m in self.milestones) or \
+                list(self.milestones) != sorted(self.milestones):
+            raise GradshieldError(f"milestones must be increasing epoch numbers >= 1, got "
+                                  f"{self.milestones}")
+        if self.schedule == "linear" and self.milestones:
+            raise GradshieldError("milestones are for schedule='step'")
+        if not 0 < self.gamma <= 1:
+            raise GradshieldError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise GradshieldError(
                 f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr={self.lr}, "
@@ -56,10 +77,43 @@ class TrainConfig:
             raise GradshieldError(f"amp must be auto, bf16 or off, got {self.amp!r}")
 
 
-def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int) -> float:
-    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then linear decay to 0."""
+#: Named settings from the papers (and their authors' code), attributed; ``gradshield train
+#: --preset NAME`` and an experiment's ``train = {preset = NAME, ...}`` start from them.
+PRESETS: dict[str, dict] = {
+    # FGR paper, Sec. 5.1: "SGD optimizer with momentum of 0.9 and weight decay of 5e-4 ... the total
+    # training duration is 60 epochs. The initial learning rate is 0.1 and is dropped by 10 after
+    # 30 and 50 epochs." Its batch size is garbled in the text ("set to 0.9"); 128 is the authors'
+    # code's. Plain momentum (the paper names no Nesterov), no warm-up.
+    "fgr-paper": {"epochs": 60, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                  "weight_decay": 5e-4, "warmup_epochs": 0.0, "schedule": "step",
+                  "milestones": (30, 50), "gamma": 0.1, "nesterov": False},
+    # The FGR authors' code (xpf/Flow-Gradient-Regularization): utils/settings.py "epochs: 80,
+    # batch_size: 128, learning_rate: 0.01, decay_steps: [40, 60]"; train.py "optim.SGD(...,
+    # weight_decay=5e-4, momentum=0.9)", "MultiStepLR(optimizer, DSET['decay_steps'], 0.1)".
+    "fgr-code": {"epochs": 80, "batch_size": 128, "lr": 0.01, "momentum": 0.9,
+                 "weight_decay": 5e-4, "warmup_epochs": 0.0, "schedule": "step",
+                 "milestones": (40, 60), "gamma": 0.1, "nesterov": False},
+}
+
+
+def preset_config(name: str, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` from a named preset with ``overrides`` on top."""
+    if name not in PRESETS:
+        raise GradshieldError(f"unknown training preset {name!r}; choose one of {sorted(PRESETS)}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
+
+
+def learning_rate(step: int, total_steps: int, peak: float, warmup_steps: int, *,
+                  schedule: str = "linear", steps_per_epoch: int = 1,
+                  milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """The learning rate at optimiser step ``step``: linear warm-up from 0 to ``peak`` over
+    ``warmup_steps``; then "linear": decay to 0 at ``total_steps``; "step": ``peak`` times
+    ``gamma`` per milestone epoch passed."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if schedule == "step":
+        epoch = step // max(1, steps_per_epoch)
+        return peak * gamma ** sum(epoch >= m for m in milestones)
     remaining = max(1, total_steps - warmup_steps)
     return peak * max(0.0, 1.0 - (step - warmup_steps) / remaining)
 
@@ -130,7 +184,7 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=True, weight_decay=config.weight_decay)
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
     start_epoch, history, elapsed = 0, [], 0.0
     if resume and ckpt_path.is_file():
         blob = read_checkpoint(ckpt_path)
@@ -150,7 +204,9 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
 
     steps_per_epoch = max(1, len(train_data) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = max(1, round(config.warmup_epochs * steps_per_epoch))
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "linear":
+        warmup_steps = max(1, warmup_steps)
     bf16 = use_bf16(config, device)
     steps_done = 0
     for epoch in range(start_epoch, config.epochs):
@@ -165,7 +221,10 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
         for i, (x, y) in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps)
+                group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps,
+                                            schedule=config.schedule,
+                                            steps_per_epoch=steps_per_epoch,
+                                            milestones=config.milestones, gamma=config.gamma)
             x = x.to(device, memory_format=memory_format)
             y = y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

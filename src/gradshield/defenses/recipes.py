@@ -48,11 +48,13 @@ from torch.nn import functional as F
 from gradshield.defenses.regularizers import (
     DEFAULT_FD_STEP,
     FLOW_UNITS,
+    IGR_NORMS,
     check_penalty_method,
     fgr_penalty,
     flow_random_start,
     igr_penalty,
     paper_fgr_lambda,
+    paper_igr_lambda,
 )
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import Additive, Flow, Space
@@ -167,28 +169,48 @@ class ATRecipe:
         return asdict(self)
 
 
+def _paper_lam(recipe, convert) -> None:
+    """``paper_lam`` (the FGR paper's / its code's units) given: set ``lam`` from it."""
+    if recipe.paper_lam is not None:
+        _check_nonnegative(paper_lam=recipe.paper_lam)
+        object.__setattr__(recipe, "lam", convert(recipe.paper_lam))
+
+
 @dataclass(frozen=True)
 class IGRRecipe:
-    """Input gradient regularisation: ``CE + lam * mean_i ||d l_i / d x_i||_2^2``.
+    """Input gradient regularisation: ``CE + lam * mean_i ||d l_i / d x_i||_2^2`` (``norm =
+    "squared"``, gradshield's default) or ``CE + lam * mean_i ||d l_i / d x_i||_2`` (``norm =
+    "l2"``: the FGR paper's Eq. 5, "L(x, y) + lambda ||grad_x L(x, y)||_p", p = 2).
 
     The gradient is w.r.t. the [0, 1]-scale input image (before the model's normalisation),
     summed over C, H, W, averaged over the batch (``lam`` does not depend on the batch size).
+    ``paper_lam``: the paper's lambda (Sec. 5.3: {3000, 5000, 7000}), converted to ``lam`` by
+    :func:`~gradshield.defenses.regularizers.paper_igr_lambda` (lam = paper_lam / 128, an
+    assumption stated there); use it with ``norm = "l2"``.
     ``method``: "exact" (double backpropagation) or "finite_difference" (the penalty's parameter
     gradient from one extra forward/backward pass along the penalised direction, RMS step
     ``fd_step`` per example, [0, 1] pixel scale; see :mod:`gradshield.defenses.regularizers`).
     """
 
     lam: float = 1.0
+    norm: str = "squared"
+    paper_lam: float | None = None
     method: str = "exact"
     fd_step: float = DEFAULT_FD_STEP
     name: str = "igr"
 
     def __post_init__(self) -> None:
+        _paper_lam(self, paper_igr_lambda)
         _check_nonnegative(lam=self.lam)
         check_penalty_method(self.method, self.fd_step)
+        if self.norm not in IGR_NORMS:
+            raise GradshieldError(f"norm must be one of {IGR_NORMS}, got {self.norm!r}")
+        if self.norm == "l2" and self.method != "exact":
+            raise GradshieldError("norm='l2' (the paper's non-squared IGR) needs method='exact'")
 
     def __call__(self, model, x, y, generator):
-        return igr_penalty(model, x, y, method=self.method, fd_step=self.fd_step).total(self.lam)
+        return igr_penalty(model, x, y, method=self.method, fd_step=self.fd_step,
+                           norm=self.norm).total(self.lam)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -200,16 +222,20 @@ class FGRRecipe:
 
     The flow gradient is summed over H, W and both components with the flow in ``unit``
     ("normalized" grid_sample units by default, as the paper's code; "pixels" otherwise).
-    Default ``lam`` = 300 / 128^2 = 0.0183: the paper code's ``--fgr_lamb 300`` (its penalty is on
-    the gradient of the batch-mean loss at batch 128). ``sigma``: std of the Gaussian flow
-    random start in ``unit`` (0.01 normalised = 0.155 px at 32 px, the code's default; 0: off);
-    the warp uses border padding (the paper's code samples zeros outside the image there).
+    Default ``lam`` = 300 / 128^2 = 0.0183: the authors' code's README example ``--fgr_lamb 300``
+    (its penalty is on the gradient of the batch-mean loss at batch 128). ``paper_lam``: the
+    paper's lambda (Sec. 5.3: {400, 700, 1000}) in the code's units, converted to ``lam`` =
+    paper_lam / 128^2 (:func:`~gradshield.defenses.regularizers.paper_fgr_lambda`).
+    ``sigma``: std of the Gaussian flow random start in ``unit`` (0.01 normalised = 0.155 px at
+    32 px, the code's default; 0: off); the warp uses border padding (the paper's code samples
+    zeros outside the image there).
     ``method``: "exact" (double backpropagation, as the paper's code) or "finite_difference" (one
     extra forward/backward pass, RMS input step ``fd_step`` per example on the [0, 1] scale; see
     :mod:`gradshield.defenses.regularizers`).
     """
 
     lam: float = PAPER_FGR_LAMBDA
+    paper_lam: float | None = None
     unit: str = "normalized"
     sigma: float = 0.01
     method: str = "exact"
@@ -217,6 +243,7 @@ class FGRRecipe:
     name: str = "fgr"
 
     def __post_init__(self) -> None:
+        _paper_lam(self, paper_fgr_lambda)
         _check_nonnegative(lam=self.lam, sigma=self.sigma)
         check_penalty_method(self.method, self.fd_step)
         if self.unit not in FLOW_UNITS:
@@ -274,16 +301,18 @@ class ADTRecipe:
 @dataclass(frozen=True)
 class FGRADTRecipe(ADTRecipe):
     """FGR + ADT: ``CE(x_adv) + lam * FGR penalty at x_adv`` with the flow adversarials of
-    :class:`ADTRecipe` (same budget options; ``lam``, ``method``, ``fd_step`` as
+    :class:`ADTRecipe` (same budget options; ``lam``, ``paper_lam``, ``method``, ``fd_step`` as
     :class:`FGRRecipe`, in ``unit``)."""
 
     lam: float = PAPER_FGR_LAMBDA
+    paper_lam: float | None = None
     method: str = "exact"
     fd_step: float = DEFAULT_FD_STEP
     name: str = "fgr_adt"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _paper_lam(self, paper_fgr_lambda)
         _check_nonnegative(lam=self.lam)
         check_penalty_method(self.method, self.fd_step)
 

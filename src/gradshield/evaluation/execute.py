@@ -103,12 +103,19 @@ def experiment_data(experiment: Experiment, data_dir=None, cache_dir=None) -> Ex
 
 
 def _train_config(spec: dict, seed: int):
-    from gradshield.training import TrainConfig
+    from gradshield.training import PRESETS, TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in spec.items() if k in fields}
+    if spec.get("preset") is not None and spec["preset"] not in PRESETS:
+        raise GradshieldError(f"unknown training preset {spec['preset']!r}; choose one of "
+                              f"{sorted(PRESETS)}")
+    values = dict(PRESETS.get(spec.get("preset"), {}))
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()
+                   if k in fields})
     values.setdefault("seed", seed)
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    config.validate()
+    return config
 
 
 def _recipe(spec: dict, where: str):

@@ -50,8 +50,9 @@ from gradshield.evaluation.suites import THROUGH, Suite, load_suite, parse_budge
 
 TOP_KEYS = ("name", "title", "description", "seed", "data", "models", "variants", "grid", "runs",
             "analyses", "claims", "report")
-TRAIN_KEYS = ("model", "width", "defense", "options", "epochs", "batch_size", "lr", "momentum",
-              "weight_decay", "warmup_epochs", "amp", "augment", "train_limit", "seed", "eval_test")
+TRAIN_KEYS = ("model", "width", "defense", "options", "preset", "epochs", "batch_size", "lr",
+              "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "milestones",
+              "gamma", "amp", "augment", "train_limit", "seed", "eval_test")
 GCM_KEYS = ("at", "w", "eps")
 METRICS = ("ar", "robust", "success", "clean")
 
