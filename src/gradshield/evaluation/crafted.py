@@ -85,6 +85,18 @@ class CraftedStore:
         finally:
             conn.close()
 
+    def entries(self):
+        """(meta, Crafted) of every stored batch (meta: attack id, surrogate, generator key)."""
+        if not self.path.is_file():
+            return []
+        conn = self._connect()
+        try:
+            rows = conn.execute("SELECT meta, adversarial, perturbation, size FROM crafted "
+                                "ORDER BY meta").fetchall()
+        finally:
+            conn.close()
+        return [(json.loads(meta), Crafted(*(_unpack(b) for b in blobs))) for meta, *blobs in rows]
+
     def __len__(self) -> int:
         if not self.path.is_file():
             return 0

@@ -252,8 +252,9 @@ def execute_run(run: RunSpec, experiment: Experiment, workspace: Workspace, data
 def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=None, cache_dir=None,
                    device: str = "cpu", progress: str = "bar", only: list[str] | None = None,
                    command: str = "") -> dict:
-    """Everything the experiment declares, in file order: runs, then analyses. ``only``: run only
-    the runs and analyses of these models. Returns {run key: summary}."""
+    """Everything the experiment declares: the models it trains, then its runs, then its analyses
+    (each in file order). ``only``: just these models (and what they need). Returns {run key:
+    summary}."""
     from gradshield.evaluation.analyses import execute_analysis
 
     data = experiment_data(experiment, data_dir, cache_dir)
@@ -266,6 +267,9 @@ def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=Non
     workspace.root.mkdir(parents=True, exist_ok=True)
     (workspace.root / "experiment.toml").write_text(experiment.source)
     (workspace.root / "data.json").write_text(json.dumps({**data.info, "classes": list(data.classes)}))
+    for name, spec in experiment.models.items():
+        if spec.train is not None and (wanted is None or name in wanted):
+            train_model(spec, experiment, workspace, data, progress=progress == "bar")
     for run in experiment.runs:
         if wanted is not None and run.model not in wanted:
             continue
