@@ -31,7 +31,7 @@ import torch
 from torch.nn import functional as F
 
 import gradshield.attacks as attacks
-from gradshield.checkpoint import load_model
+from gradshield.checkpoint import load_model, read_checkpoint
 from gradshield.data import load_dataset
 from gradshield.defenses.recipes import make_recipe
 from gradshield.defenses.regularizers import flow_gradient, paper_fgr_lambda
@@ -196,7 +196,7 @@ def collect(args, specs: list[dict]) -> dict:
         row = {"label": spec["label"], "recipe": spec["recipe"], "options": spec["options"]}
         ckpt = run_dir / CHECKPOINT_NAME
         if ckpt.is_file():
-            blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+            blob = read_checkpoint(ckpt)
             row["epochs_done"] = blob["epoch"] + 1
             row["train_seconds"] = round(blob["elapsed_s"], 1)
             row["final_train_loss"] = blob["metrics"][-1]["train_loss"]

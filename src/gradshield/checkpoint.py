@@ -3,14 +3,16 @@
 A checkpoint is a dict saved with ``torch.save``::
 
     {"format": "gradshield-checkpoint", "version": 1, "model_config": {...},
-     "model_state": {...}, "classes": [...], ...training state (optional)...}
+     "model_state": {...}, "classes": [...],
+     ...training state (optional)...}
+
+It holds only tensors and plain data, and is read weights-only (``torch.load`` with
+``weights_only=True``, :mod:`gradshield.safe_load`): loading a checkpoint never runs code from it.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -18,14 +20,20 @@ from torch import nn
 
 from gradshield.errors import GradshieldError
 from gradshield.models import ModelConfig, NormalizedClassifier, build_model
+from gradshield.safe_load import check_plain, load_torch_file
 
 FORMAT = "gradshield-checkpoint"
 VERSION = 1
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` atomically (temp file + rename): a kill never leaves a half-written file."""
+    """Write ``payload`` atomically (temp file + rename): a kill never leaves a half-written file.
+
+    The payload must be plain data (dicts, lists, tuples, strings, numbers, None, tensors), so
+    that the file loads with ``weights_only=True``; anything else is refused before writing.
+    """
     path = Path(path)
+    check_plain(payload, "checkpoint payload")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -35,17 +43,16 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint dict, with a clear error for a missing, truncated or foreign file."""
+    """Load a checkpoint dict (weights-only: never runs code from the file), with a clear error
+    for a missing, truncated, foreign or unsafe file or a saved web page."""
     path = Path(path)
     if not path.is_file():
-        raise GradshieldError(f"checkpoint not found: {path}; train one with `gradshield train`")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError,
-            ValueError) as err:
-        raise GradshieldError(
-            f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-            "re-run training to recreate it (training resumes from the last good epoch)") from err
+        raise GradshieldError(f"checkpoint not found: {path}; train one with `gradshield train`"
+                              " or check the path")
+    blob = load_torch_file(
+        path, what="checkpoint",
+        remedy="copy or download it again, or re-run the training that wrote it (training resumes "
+               "from the last good epoch)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise GradshieldError(
             f"{path} is not a gradshield checkpoint (no 'format': {FORMAT!r}); to use weights "

@@ -26,6 +26,7 @@ import torch
 from gradshield.errors import GradshieldError
 from gradshield.paths import cache_dir as default_cache_dir
 from gradshield.paths import data_dir as default_data_dir
+from gradshield.safe_load import UnsafeFileError, load_torch_file
 
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -159,12 +160,15 @@ def load_archive(path: str | os.PathLike, cache: str | os.PathLike | None = None
     digest = sha256_file(path)
     cached = default_cache_dir(cache) / f"{path.name.split('.')[0]}-{digest[:16]}.pt"
     if cached.is_file():
-        try:
-            blob = torch.load(cached, weights_only=True)
+        try:  # weights-only: a cache file is never trusted to run code
+            blob = load_torch_file(cached, what="cached data file",
+                                   remedy="delete it and rerun (it is rebuilt from the archive)")
             classes = tuple(blob["classes"])
             return {split: ImageData(blob[split]["images"], blob[split]["labels"], classes)
                     for split in blob["splits"]}
-        except Exception:  # a damaged cache file is rebuilt, never trusted
+        except UnsafeFileError:
+            raise  # not written by gradshield: say so rather than silently replace it
+        except Exception:  # a damaged cache file is rebuilt
             cached.unlink(missing_ok=True)
     splits = decode_archive(path)
     classes = next(iter(splits.values())).classes
