@@ -189,14 +189,14 @@ def test_a_git_lfs_pointer_says_so(tmp_path):
 
 
 def test_a_real_training_checkpoint_is_plain_data(tmp_path, digits):
-    """What train() writes (optimiser, RNG state, metrics, configs, recipe) loads weights-only;
-    exact resume is tested in test_training.py."""
+    """What train() writes (optimiser, RNG state, metrics, configs, recipe) loads weights-only and
+    records the data it was trained on; exact resume is tested in test_training.py."""
     train_data, test_data = load_dataset("folder", digits)
     torch.manual_seed(0)
     model = create_model("compact", width=0.25)
     train(model, train_data, test_data, TrainConfig(epochs=1, batch_size=4), tmp_path, progress=False)
     blob = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
-    assert blob["classes"] == list(DIGITS)
+    assert blob["classes"] == list(DIGITS) and blob["image_shape"] == [3, 32, 32]
     assert {"optimizer_state", "rng_state", "metrics", "fingerprint"} <= set(blob)
 
 

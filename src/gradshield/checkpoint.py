@@ -3,7 +3,7 @@
 A checkpoint is a dict saved with ``torch.save``::
 
     {"format": "gradshield-checkpoint", "version": 1, "model_config": {...},
-     "model_state": {...}, "classes": [...],
+     "model_state": {...}, "classes": [...], "image_shape": [C, H, W],
      ...training state (optional)...}
 
 It holds only tensors and plain data, and is read weights-only (``torch.load`` with
@@ -13,6 +13,8 @@ It holds only tensors and plain data, and is read weights-only (``torch.load`` w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,10 +80,80 @@ def load_weights(model: nn.Module, state: dict, *, source: str = "checkpoint") -
             "(gradshield.checkpoint.load_model does it from the file)") from err
 
 
+def _names(classes: Sequence[str], shown: int = 4) -> str:
+    head = ", ".join(repr(c) for c in list(classes)[:shown])
+    return f"[{head}{', ...' if len(classes) > shown else ''}] ({len(classes)})"
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a model was trained on: its class count, and where recorded the class names (in
+    label order) and the image shape (C, H, W). Checkpoints written before ``image_shape`` was
+    recorded give only what they hold (``None`` fields are not checked)."""
+
+    num_classes: int
+    classes: tuple[str, ...] | None = None
+    channels: int | None = None
+    image_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, blob: dict, config: ModelConfig) -> DataIdentity:
+        classes = blob.get("classes")
+        shape = blob.get("image_shape")
+        return cls(num_classes=config.num_classes,
+                   classes=tuple(str(c) for c in classes) if isinstance(classes, list | tuple) else None,
+                   channels=int(shape[0]) if shape else len(config.mean),
+                   image_size=(int(shape[1]), int(shape[2])) if shape else None)
+
+    def check(self, classes: Sequence[str] | None, image_shape: Sequence[int] | None, *,
+              model: str = "the model", data: str = "the data set") -> None:
+        """Raise if data with these class names (label order) and image shape (C, H, W) is not
+        what the model was trained on; ``None`` skips that part."""
+        fix = "evaluate it on the data set it was trained on (--dataset, --data-dir)"
+        if classes is not None:
+            classes = tuple(str(c) for c in classes)
+            if len(classes) != self.num_classes:
+                raise GradshieldError(
+                    f"{model} has {self.num_classes} classes but {data} has {len(classes)} "
+                    f"{_names(classes)}; {fix}")
+            if self.classes is not None and classes != self.classes:
+                reordered = (" (the same names in another order: its label i would be read as "
+                             "another class)" if sorted(classes) == sorted(self.classes) else "")
+                raise GradshieldError(
+                    f"{model} was trained on the classes {_names(self.classes)} but {data} has "
+                    f"the classes {_names(classes)}{reordered}; its accuracy there would mean "
+                    f"nothing. {fix[0].upper()}{fix[1:]}")
+        if image_shape is not None:
+            c, h, w = (int(v) for v in image_shape)
+            if self.channels is not None and c != self.channels:
+                raise GradshieldError(
+                    f"{model} was trained on {self.channels}-channel images but {data} has "
+                    f"{c}-channel images; {fix}")
+            if self.image_size is not None and (h, w) != self.image_size:
+                th, tw = self.image_size
+                raise GradshieldError(
+                    f"{model} was trained on {th}x{tw} images but {data} has {h}x{w} images; "
+                    f"{fix}, or resize the images to {th}x{tw} (an image folder: --dataset folder "
+                    f"--image-size {th} {tw}, or load_dataset(..., image_size=({th}, {tw})))")
+
+
+def data_identity(model: nn.Module) -> DataIdentity | None:
+    """The :class:`DataIdentity` a model loaded by :func:`load_model` carries (also through
+    wrappers such as GCM's ``conceal`` or ``bpda``); None for a model built in Python."""
+    for module in model.modules():
+        identity = getattr(module, "data_identity", None)
+        if isinstance(identity, DataIdentity):
+            return identity
+    return None
+
+
 def load_model(path: str | os.PathLike, *, expect: ModelConfig | None = None
                ) -> tuple[NormalizedClassifier, dict]:
     """Rebuild the model stored in a checkpoint; returns (model in eval mode, checkpoint dict).
 
+    The model's ``data_identity`` attribute (a :class:`DataIdentity`) records the classes and
+    image shape it was trained on, checked by ``gradshield evaluate`` and
+    :func:`gradshield.evaluation.run_suite`.
     ``expect``: if given, the checkpoint's architecture/width/classes must match it.
     """
     blob = read_checkpoint(path)
@@ -96,6 +168,12 @@ def load_model(path: str | os.PathLike, *, expect: ModelConfig | None = None
         if mine != theirs:
             raise GradshieldError(
                 f"checkpoint {path} holds arch/width/classes {mine}, expected {theirs}")
+    try:
+        identity = DataIdentity.from_checkpoint(blob, config)
+    except (TypeError, ValueError, IndexError) as err:
+        raise GradshieldError(f"checkpoint {path} has unreadable data metadata (classes/image_shape: "
+                              f"{err}); re-save it with gradshield.checkpoint.save_checkpoint") from err
     model = build_model(config)
     load_weights(model, state, source=f"checkpoint {path}")
+    model.data_identity = identity
     return model.eval(), blob

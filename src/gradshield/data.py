@@ -229,6 +229,9 @@ def load_dataset(name: str, data: str | os.PathLike | None = None,
     torchvision's CIFAR-10 under ``<data>``. ``folder`` reads ``<data>/train`` and ``<data>/test``.
     """
     root = default_data_dir(data)
+    if image_size is not None and name != "folder":
+        raise GradshieldError(f"image_size (--image-size) resizes image folders on load; data set "
+                              f"{name!r} has a fixed size, so drop it (or use --dataset folder)")
     if name == "cifar10-jpeg" or (name == "cifar10" and (root / ARCHIVE_NAME).is_file()):
         splits = load_archive(root / ARCHIVE_NAME, cache)
     elif name in ("cifar10", "cifar100"):

@@ -264,10 +264,12 @@ def attack_target(spec: AttackSpec, model: nn.Module, surrogate: nn.Module | Non
     return AttackTarget(fn, model)
 
 
-def _load_surrogate(path: str) -> nn.Module:
+def _load_surrogate(path: str, classes: Sequence[str] | None, image_shape: tuple[int, ...]) -> nn.Module:
     from gradshield.checkpoint import load_model
 
-    return load_model(path)[0]
+    surrogate = load_model(path)[0]
+    surrogate.data_identity.check(classes, image_shape, model=f"the surrogate {path}")
+    return surrogate
 
 
 def _call(target: AttackTarget, spec: AttackSpec, x, y, image_shape, generator):
@@ -327,6 +329,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     the model came from ``conceal``. ``info``: extra run metadata to store (command, checkpoint,
     data description). ``progress``: ``"bar"``, ``"lines"`` or ``"none"``. Returns :func:`summarize`.
     """
+    from gradshield.checkpoint import data_identity
     from gradshield.metrics import predict
     from gradshield.validation import check_images, check_labels
 
@@ -339,9 +342,14 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     base = base_model(model)
     if num_classes is None and base is not None:
         num_classes = getattr(getattr(base, "config", None), "num_classes", None)
-    if classes is not None and num_classes is not None and len(classes) != num_classes:
+    identity = data_identity(model)
+    if identity is not None:  # a model from a checkpoint knows the classes and image shape it learnt
+        identity.check(classes, tuple(images.shape[1:]))
+    elif classes is not None and num_classes is not None and len(classes) != num_classes:
         raise GradshieldError(f"the model has {num_classes} classes but the data set has {len(classes)}; "
                               "evaluate the model on the data set it was trained on")
+    if surrogate is not None and data_identity(surrogate) is not None:
+        data_identity(surrogate).check(classes, tuple(images.shape[1:]), model="the surrogate")
     check_labels(labels, images.shape[0], num_classes)
     if surrogate is None:
         surrogate = base
@@ -360,7 +368,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
     specs = suite.attacks
     # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
-    named = {s.surrogate: _load_surrogate(s.surrogate).to(device) for s in specs
+    named = {s.surrogate: _load_surrogate(s.surrogate, classes, image_shape).to(device) for s in specs
              if s.through == "transfer" and s.surrogate != "base"}
     if named:
         identity["surrogate_fingerprint"] = {"base": identity["surrogate_fingerprint"],
@@ -701,20 +709,24 @@ def run_suite_cli(args: argparse.Namespace) -> int:
 
     if not args.suite:
         raise GradshieldError("--suite is required (built-in: gcm-paper, fgr-paper, adaptive, or a .toml)")
+    from gradshield.cli import image_size
+
     suite = load_suite(args.suite)
     model, _ = load_model(args.checkpoint)
-    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download)
+    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
+    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download,
+                           image_size=image_size(args))
     test = test.subset(args.test_limit, seed=args.seed)
-    if test.num_classes != model.config.num_classes:
-        raise GradshieldError(
-            f"the checkpoint {args.checkpoint} has {model.config.num_classes} classes but the data "
-            f"set {args.dataset} has {test.num_classes}; evaluate on the data it was trained on")
+    for name, loaded in (("checkpoint", model), ("surrogate", surrogate)):
+        if loaded is not None:
+            loaded.data_identity.check(test.classes, test.image_shape,
+                                       model=f"the {name} {getattr(args, name)}",
+                                       data=f"the data set {args.dataset}")
     if args.gcm:
         from gradshield.defenses.concealment import conceal
 
         at = args.gcm if args.gcm in ("front", "all") else args.gcm.split(",")
         model = conceal(model, at=at, w=args.gcm_w, eps=args.gcm_eps)
-    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
