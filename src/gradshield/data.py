@@ -184,7 +184,8 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int] | None = No
     """Load ``root/<class>/<image>``; classes are the sorted sub-folder names."""
     root = Path(root)
     if not root.is_dir():
-        raise GradshieldError(f"image folder not found: {root}")
+        raise GradshieldError(f"image folder not found: {root}; --dataset folder reads "
+                              "<data-dir>/train/<class>/<image> and <data-dir>/test/<class>/<image>")
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     if not classes:
         raise GradshieldError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
