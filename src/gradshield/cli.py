@@ -38,6 +38,9 @@ def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
                             "else ~/.cache/gradshield)")
     group.add_argument("--download", action="store_true",
                        help="let torchvision download CIFAR (needs internet; never done otherwise)")
+    group.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                       help="--dataset folder only: resize every image to H x W pixels on load "
+                            "(default: keep the size; all images must then share it)")
     if train:
         group.add_argument("--train-limit", type=int, default=None, metavar="N",
                            help="train on a random subset of N images, chosen by --seed "
@@ -47,11 +50,21 @@ def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
                             "(default: all)")
 
 
+def image_size(args: argparse.Namespace) -> tuple[int, int] | None:
+    """``--image-size H W`` as a tuple (None when not given)."""
+    size = getattr(args, "image_size", None)
+    if size is None:
+        return None
+    if min(size) < 1:
+        raise GradshieldError(f"--image-size needs two positive numbers H W, got {size}")
+    return int(size[0]), int(size[1])
+
+
 def _load_data(args: argparse.Namespace):
     from gradshield.data import load_dataset
 
     train, test = load_dataset(args.dataset, args.data_dir, args.cache_dir,
-                               download=args.download)
+                               download=args.download, image_size=image_size(args))
     train = train.subset(getattr(args, "train_limit", None), seed=args.seed)
     return train, test.subset(args.test_limit, seed=args.seed)
 
@@ -220,10 +233,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, _ = load_model(args.checkpoint)
     _, test = _load_data(args)
-    if test.num_classes != model.config.num_classes:
-        raise GradshieldError(
-            f"the checkpoint has {model.config.num_classes} classes but the data set has "
-            f"{test.num_classes}; evaluate on the data it was trained on")
+    model.data_identity.check(test.classes, test.image_shape, model=f"the checkpoint {args.checkpoint}",
+                              data=f"the data set {args.dataset}")
     x, y = test.as_float()
     acc = accuracy(model, x, y, batch_size=args.batch_size)
     result = {"checkpoint": args.checkpoint, "arch": model.config.arch, "examples": len(test),
@@ -280,18 +291,20 @@ def evaluate_suite(args: argparse.Namespace) -> int:
         raise GradshieldError("--suite is required (built-in: gcm-paper, fgr-paper, adaptive, or a .toml)")
     suite = load_suite(args.suite)
     model, _ = load_model(args.checkpoint)
-    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download)
+    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
+    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download,
+                           image_size=image_size(args))
     test = test.subset(args.test_limit, seed=args.seed)
-    if test.num_classes != model.config.num_classes:
-        raise GradshieldError(
-            f"the checkpoint {args.checkpoint} has {model.config.num_classes} classes but the data "
-            f"set {args.dataset} has {test.num_classes}; evaluate on the data it was trained on")
+    for name, loaded in (("checkpoint", model), ("surrogate", surrogate)):
+        if loaded is not None:
+            loaded.data_identity.check(test.classes, test.image_shape,
+                                       model=f"the {name} {getattr(args, name)}",
+                                       data=f"the data set {args.dataset}")
     if args.gcm:
         from gradshield.defenses.concealment import conceal
 
         at = args.gcm if args.gcm in ("front", "all") else args.gcm.split(",")
         model = conceal(model, at=at, w=args.gcm_w, eps=args.gcm_eps)
-    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
     device = torch.device(getattr(args, "device", "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")

@@ -26,6 +26,7 @@ import torch
 from gradshield.errors import GradshieldError
 from gradshield.paths import cache_dir as default_cache_dir
 from gradshield.paths import data_dir as default_data_dir
+from gradshield.safe_load import UnsafeFileError, load_torch_file
 
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -159,12 +160,15 @@ def load_archive(path: str | os.PathLike, cache: str | os.PathLike | None = None
     digest = sha256_file(path)
     cached = default_cache_dir(cache) / f"{path.name.split('.')[0]}-{digest[:16]}.pt"
     if cached.is_file():
-        try:
-            blob = torch.load(cached, weights_only=True)
+        try:  # weights-only: a cache file is never trusted to run code
+            blob = load_torch_file(cached, what="cached data file",
+                                   remedy="delete it and rerun (it is rebuilt from the archive)")
             classes = tuple(blob["classes"])
             return {split: ImageData(blob[split]["images"], blob[split]["labels"], classes)
                     for split in blob["splits"]}
-        except Exception:  # a damaged cache file is rebuilt, never trusted
+        except UnsafeFileError:
+            raise  # not written by gradshield: say so rather than silently replace it
+        except Exception:  # a damaged cache file is rebuilt
             cached.unlink(missing_ok=True)
     splits = decode_archive(path)
     classes = next(iter(splits.values())).classes
@@ -180,7 +184,8 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int] | None = No
     """Load ``root/<class>/<image>``; classes are the sorted sub-folder names."""
     root = Path(root)
     if not root.is_dir():
-        raise GradshieldError(f"image folder not found: {root}")
+        raise GradshieldError(f"image folder not found: {root}; --dataset folder reads "
+                              "<data-dir>/train/<class>/<image> and <data-dir>/test/<class>/<image>")
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
     if not classes:
         raise GradshieldError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
@@ -225,6 +230,9 @@ def load_dataset(name: str, data: str | os.PathLike | None = None,
     torchvision's CIFAR-10 under ``<data>``. ``folder`` reads ``<data>/train`` and ``<data>/test``.
     """
     root = default_data_dir(data)
+    if image_size is not None and name != "folder":
+        raise GradshieldError(f"image_size (--image-size) resizes image folders on load; data set "
+                              f"{name!r} has a fixed size, so drop it (or use --dataset folder)")
     if name == "cifar10-jpeg" or (name == "cifar10" and (root / ARCHIVE_NAME).is_file()):
         splits = load_archive(root / ARCHIVE_NAME, cache)
     elif name in ("cifar10", "cifar100"):

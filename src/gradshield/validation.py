@@ -40,12 +40,14 @@ def check_labels(y: torch.Tensor, num_examples: int, num_classes: int | None = N
         raise GradshieldError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != num_examples:
         raise GradshieldError(
-            f"{name} must have shape ({num_examples},) to match the images, got {tuple(y.shape)}"
+            f"{name} must have shape ({num_examples},) to match the images, got {tuple(y.shape)}; "
+            "pass one class index per image (y.view(-1); for one-hot labels y.argmax(1))"
         )
     if y.is_floating_point() or y.dtype == torch.bool:
-        raise GradshieldError(f"{name} must be an integer tensor (torch.long), got {y.dtype}")
+        raise GradshieldError(f"{name} must be an integer tensor (torch.long), got {y.dtype}; "
+                              "convert them with y.long()")
     if y.numel() and int(y.min()) < 0:
-        raise GradshieldError(f"{name} must be >= 0, found {int(y.min())}")
+        raise GradshieldError(f"{name} must be class indices >= 0, found {int(y.min())}")
     if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
         raise GradshieldError(
             f"{name} must be < the number of classes ({num_classes}), found {int(y.max())}; "

@@ -203,13 +203,9 @@ class Models:
                                eps=spec.gcm["eps"])
         if spec.train is not None:
             train_model(spec, self.experiment, self.workspace, self.data, progress=self.progress)
-        model, blob = load_model(self.checkpoint(spec.name))
-        classes = blob.get("classes")
-        if classes is not None and tuple(classes) != tuple(self.data.classes):
-            raise GradshieldError(
-                f"model {spec.name!r} was trained on the classes {list(classes)[:4]}... but the "
-                f"experiment's data set has {list(self.data.classes)[:4]}...; evaluate it on the "
-                "data it was trained on")
+        model, _ = load_model(self.checkpoint(spec.name))
+        model.data_identity.check(self.data.classes, tuple(self.data.images.shape[1:]),
+                                  model=f"model {spec.name!r}", data="the experiment's data set")
         return model
 
 

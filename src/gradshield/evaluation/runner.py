@@ -80,10 +80,12 @@ def attack_target(spec: AttackSpec, model: nn.Module, surrogate: nn.Module | Non
     return AttackTarget(fn, model)
 
 
-def _load_surrogate(path: str) -> nn.Module:
+def _load_surrogate(path: str, classes: Sequence[str] | None, image_shape: tuple[int, ...]) -> nn.Module:
     from gradshield.checkpoint import load_model
 
-    return load_model(path)[0]
+    surrogate = load_model(path)[0]
+    surrogate.data_identity.check(classes, image_shape, model=f"the surrogate {path}")
+    return surrogate
 
 
 def _call(target: AttackTarget, spec: AttackSpec, x, y, image_shape, generator):
@@ -160,6 +162,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     checkpoint, data description). ``progress``: ``"bar"``, ``"lines"`` or ``"none"``.
     Returns :func:`summarize`.
     """
+    from gradshield.checkpoint import data_identity
     from gradshield.metrics import predict
     from gradshield.validation import check_images, check_labels
 
@@ -172,9 +175,14 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     base = undefended(model)
     if num_classes is None and base is not None:
         num_classes = getattr(getattr(base, "config", None), "num_classes", None)
-    if classes is not None and num_classes is not None and len(classes) != num_classes:
+    identity = data_identity(model)
+    if identity is not None:  # a model from a checkpoint knows the classes and image shape it learnt
+        identity.check(classes, tuple(images.shape[1:]))
+    elif classes is not None and num_classes is not None and len(classes) != num_classes:
         raise GradshieldError(f"the model has {num_classes} classes but the data set has {len(classes)}; "
                               "evaluate the model on the data set it was trained on")
+    if surrogate is not None and data_identity(surrogate) is not None:
+        data_identity(surrogate).check(classes, tuple(images.shape[1:]), model="the surrogate")
     check_labels(labels, images.shape[0], num_classes)
     if surrogate is None:
         surrogate = base
@@ -193,7 +201,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
     specs = suite.attacks
     # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
-    named = {s.surrogate: _load_surrogate(s.surrogate).to(device) for s in specs
+    named = {s.surrogate: _load_surrogate(s.surrogate, classes, image_shape).to(device) for s in specs
              if s.through == "transfer" and s.surrogate != "base"}
     if named:
         identity["surrogate_fingerprint"] = {"base": identity["surrogate_fingerprint"],
