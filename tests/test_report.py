@@ -80,11 +80,13 @@ def test_report_is_complete_and_self_contained(tmp_path, runs):
         assert section in page and f"## {section}" in markdown
     # the headline numbers are the stored ones
     s = summarize(vanilla)
-    assert f"{100 * s['clean_accuracy']:.1f}%" in markdown
-    assert f"{100 * s['worst_case_robust_accuracy']:.1f}%" in markdown
-    assert "vanilla: RA (AR)" in markdown and "gcm-front: RA (AR)" in markdown
+    n = s["examples"]  # every rate with its Wilson interval and count
+    assert f"| {100 * s['clean_accuracy']:.1f} (" in markdown and f", n={n})" in markdown
+    assert f"| {100 * s['worst_case_robust_accuracy']:.1f} (" in markdown
+    assert "vanilla: RA; AR" in markdown and "gcm-front: RA; AR" in markdown
+    assert "McNemar p" in markdown  # the paired comparison carries its test
     assert "Verdict:" in markdown and "pytest vanilla" in markdown  # diagnostics and command
-    assert "GCM layers: 1" in markdown
+    assert "modules marked for BPDA: 1" in markdown
     # self-contained: every image inline, no script, stylesheet or remote reference
     assert "<script" not in page and "<link" not in page and "http://" not in page
     sources = re.findall(r'src="([^"]*)"', page)

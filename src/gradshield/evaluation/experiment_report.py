@@ -38,7 +38,7 @@ from gradshield.errors import GradshieldError
 from gradshield.evaluation.analyses import load_analysis
 from gradshield.evaluation.claims import evaluate_claims
 from gradshield.evaluation.plots import figure_png, new_figure
-from gradshield.evaluation.report import Figure, Section, to_html, to_markdown
+from gradshield.evaluation.report import Figure, Section, pct, rate_cell, to_html, to_markdown
 from gradshield.evaluation.resultset import ResultSet
 from gradshield.evaluation.stats import wilson
 
@@ -93,18 +93,6 @@ def check_block(experiment, entry: dict, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def pct(value: float) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
-
-
-def rate_cell(k: int, n: int) -> str:
-    """``97.3 (96.1-98.2, n=866)``: percent with its 95 % Wilson interval and count."""
-    if n == 0:
-        return "–"
-    r = wilson(k, n)
-    return f"{pct(r.value)} ({pct(r.low)}-{pct(r.high)}, n={n})"
 
 
 def _rate(mask: np.ndarray, over: np.ndarray | None = None) -> tuple[int, int]:

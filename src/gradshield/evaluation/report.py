@@ -24,6 +24,8 @@ import numpy as np
 
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.plots import figure_png, new_figure
+from gradshield.evaluation.stats import paired as paired_counts
+from gradshield.evaluation.stats import wilson
 from gradshield.evaluation.store import RunResults, blob_array, load_run, open_results
 from gradshield.evaluation.summary import attack_rows, compare_runs
 
@@ -51,6 +53,25 @@ class Section:
 
 def _pct(value: float) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def pct(value: float) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def rate_cell(k: int, n: int) -> str:
+    """``97.3 (96.1-98.2, n=866)``: percent with its 95 % Wilson interval and the count."""
+    if n == 0:
+        return "–"
+    r = wilson(int(k), int(n))
+    return f"{pct(r.value)} ({pct(r.low)}-{pct(r.high)}, n={n})"
+
+
+def mask_cell(mask: np.ndarray, over: np.ndarray | None = None) -> str:
+    """:func:`rate_cell` of a boolean mask (over the examples where ``over`` holds)."""
+    if over is not None:
+        mask = mask[over]
+    return rate_cell(int(mask.sum()), int(mask.size))
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -95,15 +116,15 @@ def headline(runs, names) -> Section:
     for name, run in zip(names, runs, strict=True):
         worst = run.worst_case()
         correct = run.clean_correct
-        rows.append([name, _pct(correct.mean()), _pct(worst.mean()),
-                     _pct(worst.sum() / correct.sum() if correct.any() else float("nan")),
+        rows.append([name, mask_cell(correct), mask_cell(worst), mask_cell(worst, correct),
                      str(len(run.attacks))])
     return Section("Clean accuracy and worst case over all attacks", [
         ("table", ["run", "ACC", "worst-case robust accuracy", "worst-case AR", "attacks"], rows),
         ("text", "ACC: clean accuracy. Robust accuracy: share of all examples correct before and "
                  "after the attack. AR (attack robustness, RobustART/GCM paper): share of the "
                  "clean-correct examples that stay correct. Worst case: an example counts as robust "
-                 "only if no attack of the suite broke it (the attacks differ in norm and budget).")])
+                 "only if no attack of the suite broke it (the attacks differ in norm and budget). "
+                 "Every rate: percent (95 % Wilson interval, number of examples).")])
 
 
 def per_attack_table(runs, names, rows_by_run) -> Section:
@@ -123,15 +144,19 @@ def per_attack_table(runs, names, rows_by_run) -> Section:
             if r is None:
                 row.append("–")
             elif run.meta["mode"] == "per-attack":
-                row.append(f"{_pct(r['robust_accuracy'])} ({_pct(r['ar'])})")
+                a = next(i for i, att in enumerate(run.attacks) if att["id"] == ident)
+                robust = run.robust(a)
+                row.append(f"{mask_cell(robust)}; AR {mask_cell(robust, run.clean_correct)}")
             else:
-                row.append(f"{_pct(r['cumulative_robust_accuracy'])}*")
+                a = next(i for i, att in enumerate(run.attacks) if att["id"] == ident)
+                row.append(f"{mask_cell(run.worst_case(range(a + 1)))}*")
         table.append(row)
-    head = ["attack", "family", "budget"] + [f"{n}: RA (AR)" for n in names]
+    head = ["attack", "family", "budget"] + [f"{n}: RA; AR" for n in names]
     return Section("Robust accuracy per attack and budget", [
         ("table", head, table),
-        ("text", "RA: robust accuracy over all examples; AR in brackets: over the clean-correct "
-                 "examples. * = cumulative robust accuracy after this attack (worst-case mode).")])
+        ("text", "RA: robust accuracy over all examples; AR: over the clean-correct examples; each "
+                 "with its 95 % Wilson interval and number of examples. * = cumulative robust "
+                 "accuracy after this attack (worst-case mode).")])
 
 
 def group_worst_case(runs, names) -> Section | None:
@@ -146,7 +171,7 @@ def group_worst_case(runs, names) -> Section | None:
             if len(members) > 1:
                 worst = run.worst_case(members)
                 ids = ", ".join(run.attacks[a]["id"] for a in members)
-                table.append([name, family, label, ids, _pct(worst.mean())])
+                table.append([name, family, label, ids, mask_cell(worst)])
     if not table:
         return None
     return Section("Worst case per budget (attacks sharing a family and budget)", [
@@ -161,16 +186,21 @@ def paired(runs, names) -> Section | None:
         if run.meta.get("data_fingerprint") != first.meta.get("data_fingerprint"):
             continue
         for row in compare_runs(first, run)["attacks"]:
+            test = paired_counts(row["only_a_robust"], row["only_b_robust"], first.n)
             table.append([row["id"], f"{names[0]} vs {name}", _pct(row["a_robust_accuracy"]),
                           _pct(row["b_robust_accuracy"]), str(row["only_a_robust"]),
-                          str(row["only_b_robust"])])
+                          str(row["only_b_robust"]),
+                          f"{100 * test.difference:+.1f} ({100 * test.low:+.1f} to "
+                          f"{100 * test.high:+.1f})", f"{test.p_value:.2g}"])
     if not table:
         return None
     return Section("Paired comparison on the same examples", [
         ("table", ["attack", "runs", "RA first", "RA other", "robust only in first",
-                   "robust only in other"], table),
+                   "robust only in other", "difference, points (95 % CI)", "McNemar p"], table),
         ("text", "Counts of examples (same data, same attack id) that one run keeps robust and the "
-                 "other does not. For a worst-case-mode run: robust to this and all earlier attacks.")])
+                 "other does not; McNemar's exact test of equal robust accuracy on them (p < 0.05: "
+                 "a difference beyond noise). For a worst-case-mode run: robust to this and all "
+                 "earlier attacks.")])
 
 
 def attack_details(runs, names, rows_by_run) -> Section:
