@@ -87,7 +87,7 @@ class Config:
     batch: dict = field(default_factory=lambda: {"compact": 128, "resnet18": 128})
     train_batch: dict = field(default_factory=lambda: {"compact": 256, "resnet18": 128})
     gcm_batch: int = 256
-    queries: int = 100  # Square: real evaluations use hundreds to thousands; 20 would overweight
+    max_queries: int = 100  # Square: real evaluations use hundreds to thousands; 20 would overweight
     # its one clean-check forward pass
     scaling_batches: tuple = (32, 64, 128, 256)
     scaling_sizes: tuple = (32, 64, 224)
@@ -96,7 +96,8 @@ class Config:
 
 
 QUICK = Config(repeats=1, batch={"compact": 16, "resnet18": 8}, train_batch={"compact": 16, "resnet18": 8},
-               gcm_batch=16, queries=10, scaling_batches=(4, 8), scaling_sizes=(32, 64), scaling_size_batch=2)
+               gcm_batch=16, max_queries=10, scaling_batches=(4, 8), scaling_sizes=(32, 64),
+               scaling_size_batch=2)
 MODEL_ITEMS = {"compact": ("pgd_linf", "pgd_l2", "pgd_l1", "cw_l2", "square", "flow", "training", "gcm",
                            "scaling"),
                "resnet18": ("pgd_linf", "training", "gcm")}
@@ -230,20 +231,20 @@ def item_cw_l2(s: Setup):
 def item_square(s: Setup):
     import torchattacks
 
-    x, queries = s.attack_batch[0], s.config.queries
+    x, queries = s.attack_batch[0], s.config.max_queries
 
     def peer(eps, y):  # torchattacks evaluates the start plus n_queries candidates
         attack = torchattacks.Square(s.model, norm="Linf", eps=eps, n_queries=queries - 1, p_init=0.8, seed=0)
         return lambda: attack(x, y)
 
     def ours(eps, y):
-        return lambda: square(s.model, x, y, eps=eps, queries=queries, p_init=0.8,
+        return lambda: square(s.model, x, y, eps=eps, max_queries=queries, p_init=0.8,
                               generator=torch.Generator().manual_seed(0))
 
     rows = attack_rows(s, "torchattacks", peer, ours, lambda model, x, _: ideal_forward(model, x, queries),
                        {"overhead": 1e-4, "real": REAL_LINF}, "eps")
     for row in rows:
-        row.settings["queries"] = queries
+        row.settings["max_queries"] = queries
     return rows
 
 

@@ -40,14 +40,14 @@ def check_contract(model, x, y, result, norm, eps, max_queries):
 def test_square_contract(trained_model, test_batch, norm, eps):
     x, y = spread(test_batch, 48)
     trained_model.train()
-    result = square(trained_model, x, y, eps=eps, norm=norm, queries=50, p_init=0.3,
+    result = square(trained_model, x, y, eps=eps, norm=norm, max_queries=50, p_init=0.3,
                     generator=torch.Generator().manual_seed(0))
     assert trained_model.training
     trained_model.eval()
     check_contract(trained_model, x, y, result, norm, eps, 1 + 50)
     clean_wrong = trained_model(x).argmax(1) != y
     assert result.success_rate > clean_wrong.float().mean()
-    again = square(trained_model, x, y, eps=eps, norm=norm, queries=50, p_init=0.3,
+    again = square(trained_model, x, y, eps=eps, norm=norm, max_queries=50, p_init=0.3,
                    generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.adversarial, result.adversarial)
 
@@ -111,7 +111,7 @@ def test_blackbox_errors(trained_model, test_batch):
     for call, match in [
         (lambda: square(trained_model, x, y, eps=0.1, norm="l1"), "norm"),
         (lambda: square(trained_model, x, y, eps=-0.1), "eps"),
-        (lambda: square(trained_model, x, y, eps=0.1, queries=0), "queries"),
+        (lambda: square(trained_model, x, y, eps=0.1, max_queries=0), "max_queries"),
         (lambda: square(trained_model, x, y, eps=0.1, p_init=2.0), "p_init"),
         (lambda: evolution_strategies(trained_model, x, y, eps=0.1, space="color"), "space"),
         (lambda: evolution_strategies(trained_model, x, y, eps=0.1, samples=0), "samples"),
@@ -127,7 +127,7 @@ def test_targeted_square_and_es_hit_the_target(trained_model, test_batch):
     x, y = spread(test_batch, 16)
     target = (y + 3) % 10
     g = torch.Generator().manual_seed(0)
-    for result in (square(trained_model, x, target, eps=24 / 255, queries=150, targeted=True, labels=y,
+    for result in (square(trained_model, x, target, eps=24 / 255, max_queries=150, targeted=True, labels=y,
                           generator=g),
                    evolution_strategies(trained_model, x, target, eps=24 / 255, space="additive", steps=20,
                                         samples=10, targeted=True, labels=y, generator=g)):

@@ -118,7 +118,7 @@ def test_cw_success_matches_torchattacks(data):
 def test_square_matches_torchattacks(data, norm, eps):
     model, x, y = data
     queries = 60
-    ours = square(model, x, y, eps=eps, norm=norm, queries=queries, p_init=0.8,
+    ours = square(model, x, y, eps=eps, norm=norm, max_queries=queries, p_init=0.8,
                   generator=torch.Generator().manual_seed(0))
     # torchattacks evaluates the start plus n_queries candidates: n_queries = queries - 1 is equal
     theirs = torchattacks.Square(model, norm="Linf" if norm == "linf" else "L2", eps=eps,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gradshield.attacks import random_noise
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.suites import (
     builtin_suites,
@@ -12,7 +13,6 @@ from gradshield.evaluation.suites import (
     load_suite,
     parse_budget,
     parse_suite,
-    random_noise,
 )
 
 CIFAR = (3, 32, 32)
@@ -57,7 +57,7 @@ def test_imagenet_budget_conversion_rule():
 def test_budgets_parse_fractions_and_reject_bad_values():
     assert parse_budget("8/255", "x") == pytest.approx(8 / 255)
     assert parse_budget(0.5, "x") == 0.5
-    for bad, message in (("-1", "finite and >= 0"), ("abc", "cannot read"), ("8/0", "cannot read"),
+    for bad, message in (("-1", "finite number >= 0"), ("abc", "cannot read"), ("8/0", "cannot read"),
                          (True, "must be a number")):
         with pytest.raises(GradshieldError, match=message):
             parse_budget(bad, "x")
@@ -112,3 +112,23 @@ def test_random_noise_baseline_stays_in_budget():
     assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
     assert torch.equal(result.success, model(result.adversarial).argmax(1) != y)
     assert torch.equal(result.queries, torch.ones(16, dtype=torch.long))
+
+
+def test_every_attack_declares_its_suite_metadata_next_to_its_code():
+    """The registry is filled by the attack modules themselves; suites hold no list of their own."""
+    import gradshield.suites as suites
+    from gradshield.attacks import registered
+
+    attacks = registered()
+    assert {"fgsm", "pgd", "cw_l2", "square", "random_noise", "flow_single_step", "flow_pgd", "stadv",
+            "evolution_strategies"} <= set(attacks)
+    for name, info in attacks.items():
+        assert info.function.__module__.startswith("gradshield.attacks."), name
+        assert info.space in ("additive", "flow") and info.norms
+    assert not hasattr(suites, "ATTACKS") and not hasattr(suites, "random_noise")
+    # metadata drives parsing: a fixed-norm attack refuses another norm, a minimum-size one needs no eps
+    with pytest.raises(GradshieldError, match="l2 only"):
+        parse_suite('[[attack]]\nattack = "cw_l2"\nnorm = "linf"\n')
+    with pytest.raises(GradshieldError, match=r"choose one of \('linf', 'l2'\)"):
+        parse_suite('[[attack]]\nattack = "square"\nnorm = "l1"\neps = 1.0\n')
+    assert parse_suite('[[attack]]\nattack = "stadv"\n').attacks[0].kwargs_for(CIFAR) == {}

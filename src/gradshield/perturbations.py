@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from gradshield.errors import GradshieldError
+from gradshield.utils import random_tensor
+from gradshield.validation import check_budget
 from gradshield.warp import PADDING_MODES, warp
 
 NORMS = ("linf", "l2", "l1")
@@ -39,26 +41,6 @@ def check_norm(norm: str, allowed: tuple[str, ...] = NORMS) -> str:
     if norm not in allowed:
         raise GradshieldError(f"unknown norm {norm!r}; choose one of {allowed}")
     return norm
-
-
-def check_budget(value: float | torch.Tensor, name: str = "eps") -> float | torch.Tensor:
-    """A budget must be finite and >= 0 (a float, or a tensor of shape (N,) for per-example budgets)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 1:
-            raise GradshieldError(f"{name} must be a float or a tensor of shape (N,), got shape "
-                                  f"{tuple(value.shape)}")
-        if not value.is_floating_point():
-            value = value.float()
-        if not torch.isfinite(value).all() or (value < 0).any():
-            raise GradshieldError(f"{name} must be finite and >= 0, got {value.tolist()}")
-        return value
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise GradshieldError(f"{name} must be a number or a tensor, got {type(value).__name__}") from err
-    if not math.isfinite(value) or value < 0:
-        raise GradshieldError(f"{name} must be finite and >= 0, got {value}")
-    return value
 
 
 def per_example(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -171,32 +153,20 @@ def steepest_ascent(grad: torch.Tensor, step_size: torch.Tensor, norm: str, *, t
     raise GradshieldError(f"unknown norm {norm!r}; choose one of {NORMS}")
 
 
-def _noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor,
-           kind: str) -> torch.Tensor:
-    device = generator.device if generator is not None else like.device
-    if kind == "uniform":
-        out = torch.rand(shape, generator=generator, device=device, dtype=like.dtype)
-    elif kind == "normal":
-        out = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    else:  # standard exponential
-        out = torch.empty(shape, device=device, dtype=like.dtype).exponential_(generator=generator)
-    return out.to(like.device)
-
-
 def sample_ball(shape: tuple[int, ...], eps: torch.Tensor, norm: str, generator: torch.Generator | None,
                 like: torch.Tensor) -> torch.Tensor:
     """Points drawn uniformly from each example's ``norm`` ball of radius ``eps`` (N, 1, ..., 1)."""
     n, d = shape[0], math.prod(shape[1:])
     if norm == "linf":
-        return (2 * _noise(shape, generator, like, "uniform") - 1) * eps
+        return (2 * random_tensor(shape, like, generator, "uniform") - 1) * eps
     if norm == "l2":
-        direction = _noise((n, d), generator, like, "normal")
+        direction = random_tensor((n, d), like, generator, "normal")
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
     else:  # l1: normalised exponentials with random signs are uniform on the L1 sphere
-        magnitude = _noise((n, d), generator, like, "exponential")
-        signs = torch.where(_noise((n, d), generator, like, "uniform") < 0.5, -1.0, 1.0).to(like.dtype)
+        magnitude = random_tensor((n, d), like, generator, "exponential")
+        signs = torch.where(random_tensor((n, d), like, generator, "uniform") < 0.5, -1.0, 1.0).to(like.dtype)
         direction = magnitude / magnitude.sum(1, keepdim=True) * signs
-    radius = _noise((n, 1), generator, like, "uniform") ** (1.0 / d)
+    radius = random_tensor((n, 1), like, generator, "uniform") ** (1.0 / d)
     return (direction * radius).view(shape) * eps
 
 

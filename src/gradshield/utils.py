@@ -1,4 +1,4 @@
-"""Small shared helpers: mode restoration, seeding generators, devices."""
+"""Small shared helpers: mode restoration, seeding generators and drawing from them, devices."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from gradshield.errors import GradshieldError
 
 
 @contextlib.contextmanager
@@ -36,3 +38,23 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+DISTRIBUTIONS = ("uniform", "normal", "exponential")
+
+
+def random_tensor(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None = None,
+                  distribution: str = "uniform") -> torch.Tensor:
+    """Random numbers of ``like``'s dtype on ``like``'s device, drawn from ``generator`` on the
+    generator's own device (so a CPU generator drives a GPU attack reproducibly): U[0, 1),
+    standard normal or standard exponential."""
+    device = generator.device if generator is not None else like.device
+    if distribution == "uniform":
+        out = torch.rand(shape, generator=generator, device=device, dtype=like.dtype)
+    elif distribution == "normal":
+        out = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
+    elif distribution == "exponential":
+        out = torch.empty(shape, device=device, dtype=like.dtype).exponential_(generator=generator)
+    else:
+        raise GradshieldError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    return out.to(like.device)

@@ -1,6 +1,12 @@
-"""Early, explicit checks of tensors handed to gradshield (images and labels)."""
+"""Early, explicit checks of what is handed to gradshield: images, labels and numbers.
+
+One copy of each check; every failure is a GradshieldError that names the value and the fix.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 
@@ -53,3 +59,43 @@ def check_labels(y: torch.Tensor, num_examples: int, num_classes: int | None = N
             f"{name} must be < the number of classes ({num_classes}), found {int(y.max())}; "
             "check that the model and the data set have the same classes"
         )
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def check_number(value, name: str, *, positive: bool = False, where: str = "") -> float:
+    """``value`` as a float if it is a finite number >= 0 (> 0 with ``positive``); else a
+    GradshieldError naming ``name`` (prefixed by ``where``, e.g. the suite entry)."""
+    prefix = f"{where}: " if where else ""
+    bound = "> 0" if positive else ">= 0"
+    scalar = isinstance(value, torch.Tensor) and value.numel() == 1
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar):
+        raise GradshieldError(f"{prefix}{name} must be a finite number {bound}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise GradshieldError(f"{prefix}{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
+def check_int(value, name: str, *, minimum: int = 1, where: str = "") -> int:
+    """``value`` as an int if it is an integer >= ``minimum`` (a bool is not); else a GradshieldError."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value \
+            or value < minimum:
+        raise GradshieldError(f"{prefix}{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_budget(value: float | torch.Tensor, name: str = "eps") -> float | torch.Tensor:
+    """A budget: a finite number >= 0, or a float tensor of shape (N,) of them (per-example budgets)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise GradshieldError(f"{name} must be a float or a tensor of shape (N,), got shape "
+                                  f"{tuple(value.shape)}")
+        if not value.is_floating_point():
+            value = value.float()
+        if not torch.isfinite(value).all() or (value < 0).any():
+            raise GradshieldError(f"{name} must be a finite number >= 0, got {value.tolist()}")
+        return value
+    return check_number(value, name)

@@ -1,4 +1,4 @@
-"""What every attack shares: the result type, the per-example losses, input checks and bookkeeping.
+"""What every attack shares: the result type, the per-example losses, the set-up and bookkeeping.
 
 Conventions: ``y`` holds the true labels for an untargeted attack and the *target* classes for a
 targeted one (``targeted=True``); pass ``labels=`` as well to have targets equal to the labels
@@ -7,7 +7,8 @@ rejected. Losses are per example (shape (N,)), oriented so that the attacker *ma
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,9 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from gradshield.errors import GradshieldError
+from gradshield.utils import eval_mode
 from gradshield.validation import check_images, check_labels
 
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "dlr")
 
 
 @dataclass
@@ -56,22 +58,54 @@ def margin(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return own - others
 
 
-def attack_loss(logits: torch.Tensor, y: torch.Tensor, *, targeted: bool = False, kind: str = "ce",
-                kappa: float = 0.0) -> torch.Tensor:
+def dlr(logits: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020), oriented for the attacker to maximise.
+
+    Untargeted (``labels`` None, ``y`` the labels): ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3)``;
+    targeted (``y`` the targets, ``labels`` the true labels):
+    ``-(z_label - z_target) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, with ``z_pi1 >= z_pi2 >= ...`` the
+    sorted logits. Invariant to shifting and scaling the logits. Needs 3 (targeted: 4) classes.
+    """
+    needed = 3 if labels is None else 4
+    if logits.shape[1] < needed:
+        raise GradshieldError(f"the DLR loss needs at least {needed} classes, the model has "
+                              f"{logits.shape[1]}; use loss='ce' or 'margin'")
+    top = logits.topk(needed, dim=1).values
+    if labels is None:
+        scale = top[:, 0] - top[:, 2]
+        return -margin(logits, y) / (scale + 1e-12)
+    scale = top[:, 0] - (top[:, 2] + top[:, 3]) / 2
+    gap = logits.gather(1, labels[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
+    return -gap / (scale + 1e-12)
+
+
+def check_loss(loss: str, targeted: bool = False, labels: torch.Tensor | None = None) -> str:
+    """``loss`` if it is one of :data:`LOSSES` (a targeted DLR also needs the true ``labels``)."""
+    if loss not in LOSSES:
+        raise GradshieldError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if loss == "dlr" and targeted and labels is None:
+        raise GradshieldError("the targeted DLR loss compares the target with the true label: pass labels=")
+    return loss
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor, *, targeted: bool = False, loss: str = "ce",
+                kappa: float = 0.0, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example loss the attacker maximises.
 
     ``ce``: cross-entropy of ``y`` (untargeted) or its negative (targeted, ``y`` = targets).
     ``margin``: ``-margin(y)`` untargeted, ``margin(target)`` targeted, capped at ``kappa``
     (C&W confidence: no gain once the margin exceeds ``kappa``).
+    ``dlr``: :func:`dlr` (targeted: ``labels`` = the true labels).
     """
-    if kind == "ce":
-        loss = F.cross_entropy(logits, y, reduction="none")
-        return -loss if targeted else loss
-    if kind == "margin":
+    check_loss(loss, targeted, labels)
+    if loss == "ce":
+        value = F.cross_entropy(logits, y, reduction="none")
+        return -value if targeted else value
+    if loss == "margin":
         value = margin(logits, y)
         value = value if targeted else -value
         return value.clamp(max=kappa)
-    raise GradshieldError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    return dlr(logits, y, labels if targeted else None)
 
 
 def is_adversarial(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -118,23 +152,6 @@ def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, t
                 "the label, e.g. (labels + 1) % num_classes")
 
 
-def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise GradshieldError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_positive(value: float, name: str, *, allow_zero: bool = False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise GradshieldError(f"{name} must be a number, got {type(value).__name__}") from err
-    if value != value or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise GradshieldError(f"{name} must be finite and {bound}, got {value}")
-    return value
-
-
 def check_logits(logits: torch.Tensor, n: int) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -144,3 +161,67 @@ def check_logits(logits: torch.Tensor, n: int) -> None:
             "the model returned NaN/inf logits on the clean inputs; check the model (float16 under "
             "GCM overflows: run it in float32)")
 
+
+
+# --------------------------------------------------------------------------- set-up and bookkeeping
+
+
+@dataclass
+class Start:
+    """An attack's starting point (see :func:`attack_start`): the checked images ``x`` (detached),
+    ``y``, the model as a channels-last ``forward``, and per example ``success`` (fooled so far;
+    after the clean pass: misclassified, or on target) and ``queries`` (model evaluations; 1 after
+    the clean pass)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    targeted: bool
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    logits: torch.Tensor | None = None
+    success: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+
+    def clean(self, logits: torch.Tensor) -> None:
+        """Record the clean pass (for an attack whose first step's forward pass is the clean one)."""
+        check_logits(logits, self.x.shape[0])
+        self.logits = logits
+        self.success = is_adversarial(logits, self.y, self.targeted)
+        self.queries = torch.ones(self.x.shape[0], dtype=torch.long, device=self.x.device)
+
+    def remaining(self) -> torch.Tensor:
+        """Indices of the examples not fooled yet."""
+        return (~self.success).nonzero().squeeze(1)
+
+    def fooled(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return is_adversarial(logits, classes, self.targeted)
+
+
+@contextlib.contextmanager
+def attack_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, targeted: bool = False,
+                 labels: torch.Tensor | None = None, clean: bool = True) -> Iterator[Start]:
+    """The set-up every attack shares: check the inputs, detach ``x``, feed the model channels-last
+    images, hold it in eval mode (each module's own flag restored after) without autograd (an
+    attack enables it where it differentiates), and run the clean pass (``clean=False``: the
+    attack calls :meth:`Start.clean` with logits it computes itself)."""
+    check_attack_inputs(model, x, y, targeted=targeted, labels=labels)
+    start = Start(x.detach(), y, targeted, channels_last_forward(model))
+    with eval_mode(model), torch.no_grad():
+        if clean:
+            start.clean(start.forward(start.x))
+        yield start
+
+
+def keep(mask: torch.Tensor, *values):
+    """Each per-example value restricted to the examples where ``mask`` is true (or to the
+    indices ``mask``): the bookkeeping when fooled examples leave the batch. Tensors with a batch
+    dimension are indexed, objects with a ``select`` method (spaces, step rules) are selected,
+    anything else (floats, None, 0-dim tensors) passes through. Returns a tuple in the order given."""
+    out = []
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            out.append(value[mask])
+        elif hasattr(value, "select"):
+            out.append(value.select(mask))
+        else:
+            out.append(value)
+    return tuple(out)

@@ -17,21 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradshield.attacks.base import (
-    AttackResult,
-    channels_last_forward,
-    check_attack_inputs,
-    check_logits,
-    check_positive,
-    check_positive_int,
-    is_adversarial,
-    margin,
-)
-from gradshield.utils import eval_mode
+from gradshield.attacks.base import AttackResult, attack_start, margin
+from gradshield.attacks.registry import register
+from gradshield.validation import check_int, check_number
 
 _TANH_LIMIT = 1 - 1e-6  # atanh(+-1) is infinite: pixels at 0 or 1 start just inside the box
 
 
+@register(space="additive", norms=("l2",), kind="iterative", bounded=False)
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 1e-2, kappa: float = 0.0,
           steps: int = 100, lr: float = 1e-2, binary_search_steps: int = 10, targeted: bool = False,
           labels: torch.Tensor | None = None) -> AttackResult:
@@ -39,23 +32,16 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 1e-2
 
     ``queries`` = 1 + ``binary_search_steps * steps`` for every attacked example.
     """
-    check_attack_inputs(model, x, y, targeted=targeted, labels=labels)
-    c = check_positive(c, "c")
-    kappa = check_positive(kappa, "kappa", allow_zero=True)
-    lr = check_positive(lr, "lr")
-    steps = check_positive_int(steps, "steps")
-    binary_search_steps = check_positive_int(binary_search_steps, "binary_search_steps")
-    n = x.shape[0]
-    x = x.detach()
-    forward = channels_last_forward(model)  # faster on the CPU; same values
-    with eval_mode(model), torch.no_grad():
-        logits = forward(x)
-        check_logits(logits, n)
-        clean_fooled = is_adversarial(logits, y, targeted)
-        queries = torch.ones(n, dtype=torch.long, device=x.device)
+    c = check_number(c, "c", positive=True)
+    kappa = check_number(kappa, "kappa")
+    lr = check_number(lr, "lr", positive=True)
+    steps = check_int(steps, "steps")
+    binary_search_steps = check_int(binary_search_steps, "binary_search_steps")
+    with attack_start(model, x, y, targeted=targeted, labels=labels) as s:
+        x, forward, queries = s.x, s.forward, s.queries
         best_adv = x.clone()
-        best_l2 = torch.where(clean_fooled, 0.0, float("inf")).to(x.dtype)
-        active = (~clean_fooled).nonzero().squeeze(1)
+        best_l2 = torch.where(s.success, 0.0, float("inf")).to(x.dtype)
+        active = s.remaining()
         if active.numel():
             xa, ya = x[active], y[active]
             w0 = torch.atanh((2 * xa - 1).clamp(-_TANH_LIMIT, _TANH_LIMIT))
@@ -76,7 +62,7 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c: float = 1e-2
                         loss = l2 + const * gap.clamp(min=-kappa)
                         # gradient w.r.t. w only: the model's own .grad fields stay untouched
                         (w.grad,) = torch.autograd.grad(loss.sum(), w)
-                    fooled = is_adversarial(out.detach(), ya, targeted)
+                    fooled = s.fooled(out.detach(), ya)
                     hit = fooled & (gap.detach() <= -kappa)
                     found |= hit
                     l2 = l2.detach()

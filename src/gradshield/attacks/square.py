@@ -9,8 +9,8 @@ the loss (margin by default) or fools the model. Differences from the ports: win
 and signs are drawn per example (the AutoAttack port shares them across the batch, so its
 result depends on the batch), and all randomness comes from ``generator``.
 
-``queries`` is the budget of model evaluations on perturbed images per example (the starting
-point counts as one); the result's ``queries`` adds the clean evaluation.
+``max_queries`` is the budget of model evaluations on perturbed images per example (the
+starting point counts as one); the result's ``queries`` adds the clean evaluation.
 """
 
 from __future__ import annotations
@@ -19,26 +19,22 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from gradshield.attacks.base import (
-    AttackResult,
-    channels_last_forward,
-    check_attack_inputs,
-    check_logits,
-    check_positive,
-    check_positive_int,
-    is_adversarial,
-    margin,
-)
+from gradshield.attacks.base import AttackResult, attack_loss, attack_start, keep
+from gradshield.attacks.registry import register
 from gradshield.errors import GradshieldError
-from gradshield.perturbations import check_budget, check_norm, norm_of, per_example
-from gradshield.utils import eval_mode
+from gradshield.perturbations import check_norm, norm_of, per_example
+from gradshield.utils import random_tensor
+from gradshield.validation import check_budget, check_int, check_number
+
+NORMS = ("linf", "l2")
 
 
-def p_selection(p_init: float, iteration: int, queries: int) -> float:
-    """The reference schedule of the fraction of pixels a square covers."""
-    it = int(iteration / queries * 10000)
+def p_selection(p_init: float, iteration: int, max_queries: int, rescale: bool = True) -> float:
+    """The reference schedule of the fraction of pixels a square covers (``rescale``: the
+    iteration counted on a scale of 10000 queries, as the paper; AutoAttack's standard version
+    does not rescale)."""
+    it = int(iteration / max_queries * 10000) if rescale else iteration
     for bound, divisor in ((8000, 512), (6000, 256), (4000, 128), (2000, 64), (1000, 32), (500, 16),
                            (200, 8), (50, 4), (10, 2)):
         if it > bound:
@@ -46,18 +42,13 @@ def p_selection(p_init: float, iteration: int, queries: int) -> float:
     return p_init
 
 
-def _rand(shape, generator, like):
-    device = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
 def _signs(shape, generator, like):
-    return torch.where(_rand(shape, generator, like) < 0.5, -1.0, 1.0).to(like.dtype)
+    return torch.where(random_tensor(shape, like, generator) < 0.5, -1.0, 1.0).to(like.dtype)
 
 
 def _positions(n, high, generator, like):
     """Integers uniform in [0, high) per example (as the reference's randint)."""
-    return (_rand((n,), generator, like) * high).long().clamp_max(high - 1)
+    return (random_tensor((n,), like, generator) * high).long().clamp_max(high - 1)
 
 
 def _window(rows, cols, top, left, s):
@@ -94,47 +85,41 @@ def _place(patches: torch.Tensor, which: torch.Tensor, rows, cols, top, left, s)
     return (full * _window(rows, cols, top, left, s)[:, 0]).unsqueeze(1)
 
 
+@register(space="additive", norms=NORMS, kind="gradient-free")
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | torch.Tensor,
-           norm: str = "linf", queries: int = 1000, p_init: float | None = None, loss: str = "margin",
-           targeted: bool = False, generator: torch.Generator | None = None,
+           norm: str = "linf", max_queries: int = 1000, p_init: float | None = None, loss: str = "margin",
+           rescale_schedule: bool = True, targeted: bool = False, generator: torch.Generator | None = None,
            labels: torch.Tensor | None = None) -> AttackResult:
     """Square attack within the L-inf or L2 ball of radius ``eps`` ([0, 1] scale).
 
     ``p_init``: initial fraction of pixels per square (None: 0.8 for L-inf, 0.1 for L2 as in the
     paper). ``loss``: ``"margin"`` or ``"ce"`` (the quantity the random search lowers).
+    ``rescale_schedule``: see :func:`p_selection` (AutoAttack's standard version: False, with
+    ``max_queries = 5001``, its 5000 candidates after the starting point).
     """
-    check_attack_inputs(model, x, y, targeted=targeted, labels=labels)
-    check_norm(norm, ("linf", "l2"))
+    check_norm(norm, NORMS)
     eps = check_budget(eps)
-    queries = check_positive_int(queries, "queries")
-    p_init = (0.8 if norm == "linf" else 0.1) if p_init is None else check_positive(p_init, "p_init")
+    max_queries = check_int(max_queries, "max_queries")
+    p_init = (0.8 if norm == "linf" else 0.1) if p_init is None else check_number(p_init, "p_init",
+                                                                                 positive=True)
     if p_init > 1:
         raise GradshieldError(f"p_init is a fraction of the image, in (0, 1]; got {p_init}")
     if loss not in ("margin", "ce"):
         raise GradshieldError(f"unknown loss {loss!r}; choose 'margin' or 'ce'")
-    n, c, h, w = x.shape
-    x = x.detach()
-    forward = channels_last_forward(model)  # faster on the CPU; same values
-    per_example(eps, x)
 
-    def evaluate(images, classes):
-        out = forward(images)
-        gap = margin(out, classes)
-        gap = -gap if targeted else gap  # > 0 while not fooled
-        value = gap if loss == "margin" else (
-            -F.cross_entropy(out, classes, reduction="none") if not targeted
-            else F.cross_entropy(out, classes, reduction="none"))
-        return value, is_adversarial(out, classes, targeted)
+    def evaluate(images, classes):  # the value the search lowers (margin: > 0 while not fooled)
+        out = setup.forward(images)
+        value = -attack_loss(out, classes, targeted=targeted, loss=loss, kappa=math.inf)
+        return value, setup.fooled(out, classes)
 
-    with eval_mode(model), torch.no_grad():
-        logits = forward(x)
-        check_logits(logits, n)
-        success = is_adversarial(logits, y, targeted)
-        count = torch.ones(n, dtype=torch.long, device=x.device)
+    with attack_start(model, x, y, targeted=targeted, labels=labels) as setup:
+        x, success, count = setup.x, setup.success, setup.queries
+        _, c, h, w = x.shape
+        per_example(eps, x)
         best = x.clone()
         rows = torch.arange(h, device=x.device)
         cols = torch.arange(w, device=x.device)
-        active = (~success).nonzero().squeeze(1)
+        active = setup.remaining()
         if active.numel():
             xa, ya = x[active], y[active]
             radius = per_example(eps, x)[active]
@@ -156,15 +141,14 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | t
             count[active] += 1
             success[active] = fooled
             n_features = c * h * w
-            for iteration in range(queries - 1):
-                keep = ~fooled
-                if not keep.all():
-                    active, xa, ya, radius, loss_min = (t[keep] for t in (active, xa, ya, radius, loss_min))
+            for iteration in range(max_queries - 1):
+                if fooled.any():
+                    active, xa, ya, radius, loss_min = keep(~fooled, active, xa, ya, radius, loss_min)
                 if active.numel() == 0:
                     break
                 current = best[active]
                 m = len(active)
-                p = p_selection(p_init, iteration, queries)
+                p = p_selection(p_init, iteration, max_queries, rescale_schedule)
                 if norm == "linf":
                     s = min(max(round(math.sqrt(p * n_features / c)), 1), h - 1)
                     mask = _window(rows, cols, _positions(m, h - s, generator, x),
@@ -183,7 +167,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | t
                     norm_image = norm_of(delta, "l2").view(-1, 1, 1, 1)
                     norm_windows = norm_of(delta * torch.maximum(mask1, mask2), "l2").view(-1, 1, 1, 1)
                     bump = _eta(s, x)
-                    transposed = (_rand((m,), generator, x) > 0.5).long()
+                    transposed = (random_tensor((m,), x, generator) > 0.5).long()
                     patch = _place(torch.stack([bump, bump.T]), transposed, rows, cols, top1, left1, s)
                     new = patch * _signs((m, c, 1, 1), generator, x) + delta * mask1 / (1e-12 + norm_window1)
                     room = ((radius ** 2 - norm_image ** 2).clamp_min(0) / c + norm_windows ** 2).sqrt()

@@ -22,19 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradshield.attacks.base import (
-    AttackResult,
-    channels_last_forward,
-    check_attack_inputs,
-    check_logits,
-    check_positive,
-    check_positive_int,
-    is_adversarial,
-    margin,
-)
+from gradshield.attacks.base import AttackResult, attack_start, margin
+from gradshield.attacks.registry import register
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
-from gradshield.utils import eval_mode
+from gradshield.validation import check_int, check_number
 from gradshield.warp import PADDING_MODES, warp
 
 OPTIMIZERS = ("sgd", "adam")
@@ -50,6 +42,7 @@ def flow_smoothness(flow: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return 2 * (horizontal.flatten(1).sum(1) + vertical.flatten(1).sum(1))
 
 
+@register(space="flow", norms=("linf",), kind="iterative", bounded=False)
 def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tau: float = 0.05, c: float = 10.0,
           steps: int = 200, optimizer: str = "adam", lr: float | None = None, kappa: float = 0.0,
           padding: str = "border", targeted: bool = False,
@@ -60,27 +53,21 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tau: float = 0.
     0.05). ``perturbation_size`` is the largest displacement component (L-inf, pixels);
     ``info["smoothness"]`` holds L_flow of the returned flows. ``queries`` = 1 + ``steps``.
     """
-    check_attack_inputs(model, x, y, targeted=targeted, labels=labels)
-    tau = check_positive(tau, "tau", allow_zero=True)
-    c = check_positive(c, "c")
-    kappa = check_positive(kappa, "kappa", allow_zero=True)
-    steps = check_positive_int(steps, "steps")
+    tau = check_number(tau, "tau")
+    c = check_number(c, "c", positive=True)
+    kappa = check_number(kappa, "kappa")
+    steps = check_int(steps, "steps")
     if optimizer not in OPTIMIZERS:
         raise GradshieldError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
     if padding not in PADDING_MODES:
         raise GradshieldError(f"padding must be one of {PADDING_MODES}, got {padding!r}")
-    lr = check_positive(lr, "lr") if lr is not None else (0.01 if optimizer == "adam" else 0.05)
-    n, _, h, w = x.shape
-    x = x.detach()
-    forward = channels_last_forward(model)  # faster on the CPU; same values
-    with eval_mode(model), torch.no_grad():
-        logits = forward(x)
-        check_logits(logits, n)
-        success = is_adversarial(logits, y, targeted)
-        queries = torch.ones(n, dtype=torch.long, device=x.device)
+    lr = check_number(lr, "lr", positive=True) if lr is not None else (0.01 if optimizer == "adam" else 0.05)
+    with attack_start(model, x, y, targeted=targeted, labels=labels) as s:
+        x, forward, success, queries = s.x, s.forward, s.success, s.queries
+        n, _, h, w = x.shape
         best = x.new_zeros(n, 2, h, w)
         best_smooth = torch.where(success, 0.0, float("inf")).to(x.dtype)
-        active = (~success).nonzero().squeeze(1)
+        active = s.remaining()
         if active.numel():
             xa, ya = x[active], y[active]
             flow = xa.new_zeros(len(active), 2, h, w).requires_grad_(True)
@@ -93,7 +80,7 @@ def stadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, tau: float = 0.
                     smooth = flow_smoothness(flow)
                     loss = c * gap.clamp(min=-kappa) + tau * smooth
                     (flow.grad,) = torch.autograd.grad(loss.sum(), flow)
-                fooled = is_adversarial(out.detach(), ya, targeted)
+                fooled = s.fooled(out.detach(), ya)
                 better = fooled & (smooth.detach() < best_smooth[active])
                 if better.any():
                     best[active[better]] = flow.detach()[better]

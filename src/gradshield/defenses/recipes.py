@@ -59,6 +59,7 @@ from gradshield.defenses.regularizers import (
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import Additive, Flow, Space
 from gradshield.utils import eval_mode
+from gradshield.validation import check_int, check_number
 from gradshield.warp import normalized_to_pixels
 
 ATTACK_MODES = ("eval", "train")
@@ -75,16 +76,8 @@ class Recipe(Protocol):
     def describe(self) -> dict: ...
 
 
-def _check_nonnegative(**values: float) -> None:
-    for key, value in values.items():
-        if not (isinstance(value, (int, float)) and value >= 0 and value == value
-                and value != float("inf")):
-            raise GradshieldError(f"{key} must be a finite number >= 0, got {value!r}")
-
-
 def _check_attack_settings(steps: int, attack_mode: str) -> None:
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise GradshieldError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int(steps, "steps")
     if attack_mode not in ATTACK_MODES:
         raise GradshieldError(f"attack_mode must be one of {ATTACK_MODES}, got {attack_mode!r}")
 
@@ -155,7 +148,8 @@ class ATRecipe:
     name: str = "at"
 
     def __post_init__(self) -> None:
-        _check_nonnegative(eps=self.eps, step_size=self.step_size)
+        check_number(self.eps, "eps")
+        check_number(self.step_size, "step_size")
         _check_attack_settings(self.steps, self.attack_mode)
 
     def __call__(self, model, x, y, generator):
@@ -172,7 +166,7 @@ class ATRecipe:
 def _paper_lam(recipe, convert) -> None:
     """``paper_lam`` (the FGR paper's / its code's units) given: set ``lam`` from it."""
     if recipe.paper_lam is not None:
-        _check_nonnegative(paper_lam=recipe.paper_lam)
+        check_number(recipe.paper_lam, "paper_lam")
         object.__setattr__(recipe, "lam", convert(recipe.paper_lam))
 
 
@@ -201,7 +195,7 @@ class IGRRecipe:
 
     def __post_init__(self) -> None:
         _paper_lam(self, paper_igr_lambda)
-        _check_nonnegative(lam=self.lam)
+        check_number(self.lam, "lam")
         check_penalty_method(self.method, self.fd_step)
         if self.norm not in IGR_NORMS:
             raise GradshieldError(f"norm must be one of {IGR_NORMS}, got {self.norm!r}")
@@ -244,7 +238,8 @@ class FGRRecipe:
 
     def __post_init__(self) -> None:
         _paper_lam(self, paper_fgr_lambda)
-        _check_nonnegative(lam=self.lam, sigma=self.sigma)
+        check_number(self.lam, "lam")
+        check_number(self.sigma, "sigma")
         check_penalty_method(self.method, self.fd_step)
         if self.unit not in FLOW_UNITS:
             raise GradshieldError(f"unit must be one of {FLOW_UNITS}, got {self.unit!r}")
@@ -277,7 +272,9 @@ class ADTRecipe:
     name: str = "adt"
 
     def __post_init__(self) -> None:
-        _check_nonnegative(eps=self.eps, step_size=self.step_size or 0.0)
+        check_number(self.eps, "eps")
+        if self.step_size is not None:
+            check_number(self.step_size, "step_size")
         _check_attack_settings(self.steps, self.attack_mode)
         if self.unit not in FLOW_UNITS:
             raise GradshieldError(f"unit must be one of {FLOW_UNITS}, got {self.unit!r}")
@@ -313,7 +310,7 @@ class FGRADTRecipe(ADTRecipe):
     def __post_init__(self) -> None:
         super().__post_init__()
         _paper_lam(self, paper_fgr_lambda)
-        _check_nonnegative(lam=self.lam)
+        check_number(self.lam, "lam")
         check_penalty_method(self.method, self.fd_step)
 
     def __call__(self, model, x, y, generator):

@@ -9,7 +9,7 @@ A suite file::
     steps = 20
 
     [[attack]]
-    attack = "pgd"          # a name from :data:`ATTACKS`
+    attack = "pgd"          # a registered attack (gradshield.attacks.registered())
     norm = "linf"
     eps = "8/255"           # [0, 1] pixel scale; "a/b" strings allowed
     label = "8/255"         # budget label for tables and curves (default: the eps as written)
@@ -45,91 +45,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from gradshield.attacks.registry import KINDS, AttackInfo, attack_info, registered
 from gradshield.compat import tomllib
 from gradshield.errors import GradshieldError
+from gradshield.validation import check_int, check_number
 
 #: Image size the ``eps_imagenet`` budgets refer to (C, H, W).
 IMAGENET_SHAPE = (3, 224, 224)
 RESERVED = ("attack", "id", "family", "label", "kind", "through", "surrogate", "eps",
             "eps_imagenet", "eps_normalized")
 THROUGH = ("model", "bpda", "transfer")
-KINDS = ("single-step", "iterative", "gradient-free", "transfer", "bpda", "noise")
 SUITE_KEYS = ("name", "description", "notes", "defaults", "attack")
 
 
-@dataclass(frozen=True)
-class AttackInfo:
-    """What the runner needs to know about a registered attack name."""
-
-    function: str         # attribute of gradshield.attacks (or of this module for random_noise)
-    space: str            # "additive" ([0, 1] pixel scale) or "flow" (pixels)
-    kind: str             # default kind for the diagnostics
-    norm: str | None = None  # fixed norm (None: from the entry's ``norm``, default "linf")
-    bounded: bool = True  # takes ``eps``; else a minimum-size attack whose success is counted
-    #                       within the entry's budget when it gives one (else at any size)
-
-
-#: Attack names a suite may use.
-ATTACKS: dict[str, AttackInfo] = {
-    "fgsm": AttackInfo("fgsm", "additive", "single-step", "linf"),
-    "pgd": AttackInfo("pgd", "additive", "iterative"),
-    "cw_l2": AttackInfo("cw_l2", "additive", "iterative", "l2", bounded=False),
-    "square": AttackInfo("square", "additive", "gradient-free"),
-    "random_noise": AttackInfo("random_noise", "additive", "noise"),
-    "flow_single_step": AttackInfo("flow_single_step", "flow", "single-step"),
-    "flow_pgd": AttackInfo("flow_pgd", "flow", "iterative"),
-    "stadv": AttackInfo("stadv", "flow", "iterative", "linf", bounded=False),
-    "evolution_strategies": AttackInfo("evolution_strategies", "flow", "gradient-free"),
-}
-
-
-def random_noise(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                 norm: str = "linf", targeted: bool = False,
-                 generator: torch.Generator | None = None):
-    """Baseline: one random point drawn uniformly from the ``norm`` ball of radius ``eps``.
-
-    gradshield.attacks has no noise baseline; this one reuses the perturbation space's sampler.
-    """
-    from gradshield.attacks.base import AttackResult, check_attack_inputs, is_adversarial
-    from gradshield.perturbations import Additive
-    from gradshield.utils import eval_mode
-
-    check_attack_inputs(model, x, y, targeted=targeted)
-    space = Additive(norm, eps)
-    with torch.no_grad(), eval_mode(model):
-        delta = space.project_feasible(x, space.init(x, random=True, generator=generator))
-        adversarial = space.apply(x, delta)
-        success = is_adversarial(model(adversarial), y, targeted)
-    perturbation = adversarial - x
-    return AttackResult(adversarial=adversarial, success=success,
-                        perturbation_size=space.size(perturbation),
-                        queries=torch.ones(x.shape[0], dtype=torch.long, device=x.device),
-                        perturbation=perturbation)
-
-
 def attack_function(name: str) -> Callable:
-    """The function behind a registered attack name, with a clear error if it is unavailable."""
-    info = _info(name)
-    if info.function == "random_noise":
-        return random_noise
-    import gradshield.attacks as attacks
-
-    fn = getattr(attacks, info.function, None)
-    if fn is None:
-        raise GradshieldError(
-            f"attack {name!r} is registered for suites but gradshield.attacks has no "
-            f"{info.function!r} in this installation; remove it from the suite or update gradshield")
-    return fn
-
-
-def _info(name: str) -> AttackInfo:
-    if name not in ATTACKS:
-        close = difflib.get_close_matches(str(name), ATTACKS, n=3)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise GradshieldError(f"unknown attack {name!r}; {hint}choose one of {sorted(ATTACKS)}")
-    return ATTACKS[name]
+    """The function behind a registered attack name (:mod:`gradshield.attacks.registry`)."""
+    return attack_info(name).function
 
 
 # --------------------------------------------------------------------------- budgets
@@ -156,8 +87,7 @@ def parse_budget(value, where: str) -> float:
     else:
         raise GradshieldError(f"{where}: budget must be a number or a string like '8/255', "
                               f"got {type(value).__name__}")
-    if not math.isfinite(number) or number < 0:
-        raise GradshieldError(f"{where}: budget must be finite and >= 0, got {value!r}")
+    check_number(number, "budget", where=where)
     return number
 
 
@@ -207,18 +137,18 @@ class AttackSpec:
     def kwargs_for(self, image_shape: tuple[int, int, int]) -> dict:
         """Keyword arguments for the attack function (``eps`` converted, ``norm`` where it takes one)."""
         kwargs = dict(self.hyper)
-        params = inspect.signature(attack_function(self.attack)).parameters
+        info = attack_info(self.attack)
         eps = self.eps_for(image_shape)
-        if eps is not None and "eps" in params:
+        if eps is not None and info.bounded:
             kwargs["eps"] = eps
-        if "norm" in params:
+        if info.fixed_norm is None:
             kwargs["norm"] = self.norm
         return kwargs
 
     def threshold_for(self, image_shape: tuple[int, int, int]) -> float | None:
         """For a minimum-size attack (no ``eps`` argument) given a budget: success counts only
         where the perturbation size is within it. None otherwise."""
-        if self.budget is None or "eps" in inspect.signature(attack_function(self.attack)).parameters:
+        if self.budget is None or attack_info(self.attack).bounded:
             return None
         return self.eps_for(image_shape)
 
@@ -242,11 +172,7 @@ class Suite:
 
 
 def _check_hyper(attack: str, info: AttackInfo, hyper: dict, where: str) -> None:
-    try:
-        fn = attack_function(attack)
-    except GradshieldError:
-        return  # checked when the suite is run (the attack may land in a later gradshield)
-    params = inspect.signature(fn).parameters
+    params = inspect.signature(info.function).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -261,13 +187,11 @@ def _check_hyper(attack: str, info: AttackInfo, hyper: dict, where: str) -> None
 
 
 def _applicable(defaults: dict, attack) -> dict:
-    """The [defaults] keys the attack function takes (all of them if it is not available)."""
-    if attack not in ATTACKS:
+    """The [defaults] keys the attack function takes (all of them for an unknown attack, which
+    is then reported by name)."""
+    if attack not in registered():
         return dict(defaults)
-    try:
-        params = inspect.signature(attack_function(attack)).parameters
-    except GradshieldError:
-        return dict(defaults)
+    params = inspect.signature(attack_info(attack).function).parameters
     return {k: v for k, v in defaults.items() if k in params or k in RESERVED or k == "norm"}
 
 
@@ -285,20 +209,17 @@ def parse_attack(entry: dict, defaults: dict, where: str) -> AttackSpec:
         raise GradshieldError(f"{where}: each [[attack]] must be a table, got {type(entry).__name__}")
     merged = {**_applicable(defaults, entry.get("attack")), **entry}
     if "attack" not in merged:
-        raise GradshieldError(f"{where}: missing 'attack = \"<name>\"'; choose one of {sorted(ATTACKS)}")
+        raise GradshieldError(f"{where}: missing 'attack = \"<name>\"'; choose one of {sorted(registered())}")
     name = merged.pop("attack")
     try:
-        info = _info(name)
+        info = attack_info(name)
     except GradshieldError as err:
         raise GradshieldError(f"{where}: {err}") from None
-    from gradshield.perturbations import FLOW_NORMS, NORMS
-
-    norm = merged.pop("norm", info.norm or "linf")
-    if info.norm is not None and norm != info.norm:
-        raise GradshieldError(f"{where}: attack {name!r} is {info.norm} only, got norm = {norm!r}")
-    allowed_norms = FLOW_NORMS if info.space == "flow" else NORMS
-    if norm not in allowed_norms:
-        raise GradshieldError(f"{where}: unknown norm {norm!r} for {name}; choose one of {allowed_norms}")
+    norm = merged.pop("norm", info.norms[0])
+    if info.fixed_norm is not None and norm != info.fixed_norm:
+        raise GradshieldError(f"{where}: attack {name!r} is {info.fixed_norm} only, got norm = {norm!r}")
+    if norm not in info.norms:
+        raise GradshieldError(f"{where}: unknown norm {norm!r} for {name}; choose one of {info.norms}")
     budgets = [k for k in ("eps", "eps_imagenet", "eps_normalized") if k in merged]
     if len(budgets) > 1:
         raise GradshieldError(f"{where}: give one of {budgets}, not several")
@@ -331,10 +252,9 @@ def parse_attack(entry: dict, defaults: dict, where: str) -> AttackSpec:
     family = str(merged.pop("family", _default_family(info, norm, budget is not None)))
     ident = str(merged.pop("id", "-".join(
         [name, norm, label] + ([through] if through != "model" else []))))
-    for key in ("steps", "restarts"):
-        if key in merged and (isinstance(merged[key], bool) or not isinstance(merged[key], int)
-                              or merged[key] < 1):
-            raise GradshieldError(f"{where}: {key} must be an integer >= 1, got {merged[key]!r}")
+    for key in ("steps", "restarts", "max_queries", "n_target_classes"):
+        if key in merged:
+            check_int(merged[key], key, where=where)
     for key in ("step_size", "rel_step_size"):
         if key in merged:
             merged[key] = parse_budget(merged[key], f"{where} ({key})")
