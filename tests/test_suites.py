@@ -19,12 +19,15 @@ CIFAR = (3, 32, 32)
 
 
 def test_builtin_suites_parse_and_hold_the_papers_tables():
-    assert {"gcm-paper", "fgr-paper", "adaptive"} <= set(builtin_suites())
+    assert {"gcm-paper", "gcm-table2", "gcm-ablation", "fgr-paper", "adaptive",
+            "adaptive-checks", "quickstart"} <= set(builtin_suites())
     gcm = load_suite("gcm-paper")
     by = {(a.attack, a.norm, a.label): a for a in gcm.attacks}
     for level in (2, 8):
         assert by[("fgsm", "linf", f"{level}/255")].eps_for(CIFAR) == pytest.approx(level / 255)
-    sweep = sorted(a.eps_for(CIFAR) for a in gcm.attacks if a.attack == "pgd" and a.norm == "linf")
+    linf = sorted(a.eps_for(CIFAR) for a in gcm.attacks if a.attack == "pgd" and a.norm == "linf")
+    assert linf == pytest.approx([2 / 255, 8 / 255])
+    sweep = [a.eps_for(CIFAR) for a in load_suite("gcm-table2").attacks]
     assert sweep == pytest.approx([k / 255 for k in (2, 4, 6, 8, 10)])
     assert sum(a.attack == "pgd" and a.norm == "l2" for a in gcm.attacks) == 2
     assert sum(a.attack == "pgd" and a.norm == "l1" for a in gcm.attacks) == 2
