@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from gradshield.attacks import FGR_PAPER, cw_l2, flow_smoothness, stadv
+from gradshield.attacks import FGR_PAPER, cw_l2, flow_smoothness, margin, stadv
 from gradshield.errors import GradshieldError
+from gradshield.models import create_model
 from gradshield.warp import warp
 from tests.test_attacks_pgd import LinearBinary, spread
 
@@ -107,3 +108,61 @@ def test_cw_and_stadv_do_not_depend_on_the_batch(trained_model, test_batch):
         assert torch.equal(full.success, torch.cat([r.success for r in single]))
         singles = torch.cat([r.adversarial for r in single])
         torch.testing.assert_close(full.adversarial, singles, atol=1e-5, rtol=0)
+
+
+def _tiny_model_and_batch():
+    torch.manual_seed(0)
+    model = create_model("compact", width=0.25).eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every example correct at the start
+    return model, x, y
+
+
+def test_penalized_objective_puts_c_where_each_balance_says():
+    from gradshield.attacks.stadv import flow_smoothness, penalized_objective
+
+    model, x, y = _tiny_model_and_batch()
+    flow = 0.1 * torch.randn(8, 2, 32, 32, generator=torch.Generator().manual_seed(2))
+    logits = model(x)
+    gap = margin(logits, y)
+    smooth = flow_smoothness(flow)
+    loss = penalized_objective(logits, y, flow, c=10, tau=0.05, balance="loss", kappa=0, targeted=False)
+    dist = penalized_objective(logits, y, flow, c=10, tau=0.05, balance="distance", kappa=0,
+                               targeted=False)
+    torch.testing.assert_close(loss, 10 * gap + 0.05 * smooth)
+    torch.testing.assert_close(dist, gap + 10 * smooth)
+
+
+@pytest.mark.parametrize("attack", ["stadv", "es"])
+def test_c_on_the_distance_keeps_flows_at_zero_and_on_the_loss_fools(attack):
+    """With an enormous c, c on the distance term makes any flow too costly (nothing is fooled);
+    c on the adversarial loss makes the margin all that counts (examples are fooled)."""
+    from gradshield.attacks import evolution_strategies_penalized
+
+    model, x, y = _tiny_model_and_batch()
+
+    def run(balance):
+        if attack == "stadv":
+            lr = 0.05 if balance == "loss" else 1e-9
+            return stadv(model, x, y, c=1e6, balance=balance, steps=30, optimizer="sgd", lr=lr)
+        return evolution_strategies_penalized(model, x, y, c=1e6, balance=balance, steps=15,
+                                              samples=5, generator=torch.Generator().manual_seed(3))
+
+    on_distance, on_loss = run("distance"), run("loss")
+    assert not on_distance.success.any()
+    assert on_distance.perturbation_size.max() < 1e-3
+    assert on_loss.success.sum() >= 4
+    assert (on_loss.perturbation_size[on_loss.success] > 0).all()
+
+
+def test_penalized_evolution_strategies_takes_no_budget_and_only_flows():
+    from gradshield.attacks import evolution_strategies
+
+    model, x, y = _tiny_model_and_batch()
+    with pytest.raises(GradshieldError, match="takes no eps"):
+        evolution_strategies(model, x, y, eps=0.1, objective="penalized")
+    with pytest.raises(GradshieldError, match="flow space"):
+        evolution_strategies(model, x, y, space="additive", objective="penalized")
+    with pytest.raises(GradshieldError, match="balance must be one of"):
+        stadv(model, x, y, balance="middle")

@@ -104,3 +104,24 @@ def test_the_non_squared_form_needs_the_exact_method():
         make_recipe("igr", norm="l2", method="finite_difference")
     with pytest.raises(GradshieldError, match="norm must be one of"):
         make_recipe("igr", norm="l3")
+
+
+def test_fgr_table1_attacks_are_the_papers_and_the_authors_code():
+    """Table 1 caption: SS and MS with flow budget 0.01 (MS: 20 iterations), OB with SGD and
+    c = 10, GF with ES and c = 10; the authors' attacks/gradient.py: sign steps of eps/iters,
+    grid_sample with zero padding, align_corners=True (0.01 = 0.155 px at 32 px)."""
+    suite = {s.id: s for s in load_suite("fgr-paper").attacks}
+    for ident in ("SS", "MS"):
+        assert suite[ident].budget == 0.01 and suite[ident].unit == "normalized"
+        assert suite[ident].eps_for(CIFAR) == pytest.approx(0.01 * 31 / 2)
+        assert suite[ident].hyper["padding"] == "zeros"
+    assert (suite["MS"].hyper["steps"], suite["MS"].hyper["rel_step_size"]) == (20, 0.05)
+    for ident in ("OB", "OB-eq3"):
+        assert suite[ident].attack == "stadv" and suite[ident].budget is None
+        assert (suite[ident].hyper["optimizer"], suite[ident].hyper["c"]) == ("sgd", 10.0)
+    for ident in ("GF", "GF-eq3"):
+        assert suite[ident].attack == "evolution_strategies_penalized" and suite[ident].budget is None
+        assert suite[ident].hyper["c"] == 10.0
+    assert {suite[i].hyper["balance"] for i in ("OB", "GF")} == {"loss"}
+    assert {suite[i].hyper["balance"] for i in ("OB-eq3", "GF-eq3")} == {"distance"}
+    assert [s.budget for s in load_suite("fgr-budget-sweep").attacks] == [0.0025, 0.005, 0.01, 0.02, 0.04]

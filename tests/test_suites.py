@@ -33,15 +33,19 @@ def test_builtin_suites_parse_and_hold_the_papers_tables():
     assert sum(a.attack == "pgd" and a.norm == "l1" for a in gcm.attacks) == 2
     assert any(a.attack == "cw_l2" for a in gcm.attacks)
     fgr = load_suite("fgr-paper")
-    assert [a.attack for a in fgr.attacks] == ["flow_single_step", "flow_pgd", "stadv",
-                                               "evolution_strategies"]
-    # the FGR paper's 0.01 in grid_sample units is 0.155 px at 32 px
-    assert all(a.eps_for(CIFAR) == pytest.approx(0.155) for a in fgr.attacks)
-    assert fgr.attacks[1].hyper["steps"] == 20
-    # stAdv takes no budget: the runner counts its successes within 0.155 px only
-    assert "eps" not in fgr.attacks[2].kwargs_for(CIFAR)
-    assert fgr.attacks[2].threshold_for(CIFAR) == pytest.approx(0.155)
-    assert fgr.attacks[1].threshold_for(CIFAR) is None
+    by_id = {a.id: a for a in fgr.attacks}
+    assert [a.attack for a in fgr.attacks] == ["flow_single_step", "flow_pgd", "stadv", "stadv",
+                                               "evolution_strategies_penalized",
+                                               "evolution_strategies_penalized"]
+    # the FGR paper's 0.01 in grid_sample units is 0.155 px at 32 px (SS and MS only)
+    assert by_id["SS"].eps_for(CIFAR) == pytest.approx(0.155)
+    assert by_id["MS"].eps_for(CIFAR) == pytest.approx(0.155)
+    assert by_id["MS"].hyper["steps"] == 20
+    # OB and GF have no budget in the paper: unbounded, success at any size
+    for ident in ("OB", "OB-eq3", "GF", "GF-eq3"):
+        assert by_id[ident].threshold_for(CIFAR) is None and "eps" not in by_id[ident].kwargs_for(CIFAR)
+        assert by_id[ident].hyper["c"] == 10.0
+    assert (by_id["OB"].hyper["balance"], by_id["OB-eq3"].hyper["balance"]) == ("loss", "distance")
     adaptive = load_suite("adaptive")
     assert {a.through for a in adaptive.attacks} == {"model", "bpda", "transfer"}
     assert {a.kind for a in adaptive.attacks} >= {"bpda", "transfer", "gradient-free", "noise"}

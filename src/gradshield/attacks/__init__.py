@@ -9,7 +9,7 @@ them all.
 from gradshield.attacks.adaptive import BPDA, bpda, transfer_attack
 from gradshield.attacks.base import AttackResult, attack_loss, dlr, is_adversarial, margin
 from gradshield.attacks.cw import cw_l2
-from gradshield.attacks.evolution import evolution_strategies
+from gradshield.attacks.evolution import evolution_strategies, evolution_strategies_penalized
 from gradshield.attacks.noise import random_noise
 from gradshield.attacks.pgd import ConstantStep, fgsm, flow_pgd, flow_single_step, pgd, projected_gradient
 from gradshield.attacks.registry import AttackInfo, attack_info, registered
@@ -28,6 +28,7 @@ __all__ = [
     "cw_l2",
     "dlr",
     "evolution_strategies",
+    "evolution_strategies_penalized",
     "fgsm",
     "flow_pgd",
     "flow_single_step",

@@ -12,11 +12,13 @@ never measured numbers, which come from the stored results). Block types:
   example counts as broken if ANY stored attack of that model at the row's norm and budget broke
   it;
 - ``table`` with ``rows = "models"``: one row per model (``models``, names or grids),
-  ``columns = [{label, attack, suite, through, metric}]`` or ``{label, param = "w"}`` (a grid value)
+  ``columns = [{label, attack, suite, through, metric}]`` (``stat = "median_size"``: the median
+  size of the attack's successful perturbations instead of a rate) or ``{label, param = "w"}`` (a grid value)
   or ``{label, analysis = "<id>", field = "evidence.examples_non_finite"}``;
-- ``figure``: ``kind`` = ``curve`` (``metric`` against each attack's budget or ``x`` = a setting,
-  one line per model), ``gradient_sign``, ``fgsm_examples``, ``loss_surface`` (from the analysis
-  ``analysis``), ``training_curve`` (test accuracy per epoch of trained models); ``file`` names it;
+- ``figure``: ``kind`` = ``curve`` (``metric`` against each attack's eps, or ``x = "budget"``
+  as the suite writes it, or ``x`` = an attack setting such as ``"c"``; one line per model),
+  ``gradient_sign``, ``fgsm_examples``, ``loss_surface`` (from the analysis ``analysis``),
+  ``training_curve`` (test accuracy per epoch of trained models); ``file`` names it;
 - ``claims``: every claim (or ``ids``) with its verdict and paired comparisons;
 - ``diagnostics``: the text verdicts of a ``diagnostics`` analysis;
 - ``training``: per trained model, final test accuracy, epochs and time (``seeds``: mean and spread).
@@ -198,9 +200,18 @@ def models_table(entry: dict, experiment, results: ResultSet, workspace) -> Sect
             outcome = results.outcome(model, attack, suite=column.get("suite", entry.get("suite")),
                                       through=column.get("through"),
                                       examples=column.get("examples", entry.get("examples")))
-            row.append("–" if outcome is None else rate_cell(*_metric(outcome, metric)))
+            if outcome is None:
+                row.append("–")
+            elif column.get("stat") == "median_size":  # of the successful perturbations
+                sizes = outcome.run.size[outcome.attack][outcome.run.success[outcome.attack] == 1]
+                sizes = sizes[np.isfinite(sizes)]
+                row.append(f"{np.median(sizes):.3g} (n={sizes.size})" if sizes.size else "–")
+            else:
+                row.append(rate_cell(*_metric(outcome, metric)))
         rows.append(row)
-    return _section(entry, [("table", head, rows), ("text", _metric_note(default_metric))])
+    rates = any("attack" in c and c.get("stat") is None for c in entry["columns"])
+    note = [("text", _metric_note(default_metric))] if rates else []
+    return _section(entry, [("table", head, rows), *note])
 
 
 def _metric_note(metric: str) -> str:
@@ -230,10 +241,14 @@ def curve_figure(entry: dict, experiment, results: ResultSet) -> Figure:
                                       through=entry.get("through"))
             if outcome is None:
                 continue
-            x = spec.hyper.get(x_key) if x_key else spec.eps_for(
-                tuple(outcome.run.meta["image_shape"]))
-            if entry.get("x_unit") == "budget":
+            if x_key == "budget":          # the budget as the suite writes it
                 x = spec.budget
+            elif x_key:                    # an attack setting, e.g. stAdv's c
+                x = spec.hyper.get(x_key)
+            else:                          # the eps the attack gets (its own units)
+                x = spec.eps_for(tuple(outcome.run.meta["image_shape"]))
+            if x is None:
+                continue
             k, n = _metric(outcome, metric)
             r = wilson(k, n)
             points.append((float(x), r.value, r.low, r.high))
