@@ -485,7 +485,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         store_command(workspace, command)
         run_experiment(experiment, workspace, data_dir=args.data_dir, cache_dir=args.cache_dir,
                        device=args.device, progress=args.progress,
-                       only=args.only.split(",") if args.only else None, command=command)
+                       only=args.only.split(",") if args.only else None, command=command,
+                       weights_dir=args.weights_dir)
     return _experiment_report(args, command=None if args.report_only else command)
 
 
@@ -630,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated models or grids: run only their runs and analyses")
     p.add_argument("--report-only", action="store_true",
                    help="render the report from what is stored; run nothing")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder that relative weights = \"...\" paths of models by name are read "
+                        "from (default: the experiment file's folder, else the working directory)")
     p.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
                    help="progress display (default: %(default)s)")
     p.add_argument("--data-dir", default=None,
