@@ -321,7 +321,7 @@ def load_evaluated_model(args: argparse.Namespace):
     options = {"input_size": image_size(args)} if image_size(args) else {}
     model = create_model(args.model, num_classes=classes, weights=args.weights, **options).eval()
     weights = Path(args.weights)
-    return model, {"model": model.config.arch, "weights": str(weights),
+    return model, {"model_name": model.config.arch, "weights": str(weights),
                    "weights_sha256": sha256_file(weights) if weights.is_file() else None}
 
 

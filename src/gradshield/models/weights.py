@@ -3,7 +3,7 @@ with an error that says what does not fit.
 
 A ``.safetensors`` file is read by the ``safetensors`` package (a tensor table: never unpickled);
 anything else (``.pth``, ``.pt``, ``.bin``) goes through :func:`gradshield.safe_load.load_torch_file`
-(``torch.load(..., weights_only=True)``), which also names a saved web page or a Git LFS pointer.
+(weights-only), which also names a saved web page or a Git LFS pointer.
 """
 
 from __future__ import annotations
