@@ -48,7 +48,7 @@ def test_batch(cifar):
 
 def _fixture_key() -> str:
     digest = hashlib.sha256()
-    for rel in ("training.py", "data.py", "models/compact.py", "models/registry.py",
+    for rel in ("training.py", "data/memory.py", "models/compact.py", "models/registry.py",
                 "defenses/recipes.py"):
         digest.update((SRC / rel).read_bytes())
     return digest.hexdigest()[:12]

@@ -84,6 +84,14 @@ def _attack(x=None, y=None, **kw):
                          steps=1, **kw)
 
 
+def _without(module: str, call: Callable[[], object]) -> object:
+    """``call()`` as if ``module`` were not installed."""
+    from unittest import mock
+
+    with mock.patch.dict(sys.modules, {module: None}):
+        return call()
+
+
 def _other_run(w):
     db = w.root / "other-run.db"
     if not db.exists():
@@ -175,19 +183,61 @@ CASES: dict[str, Case] = {
         api(lambda w: run_suite(w.loaded, w.x, w.y, parse_suite(ONE_ATTACK), w.root / "never.db",
                                 classes=CIFAR10_CLASSES, progress="none"))),
     "weights-html": Case(
-        "`create_model(\"tv-...\", options={\"weights_path\": ...})`", "a saved web page",
+        "`evaluate --model NAME --weights FILE`, `create_model(NAME, weights=FILE)`",
+        "a saved web page",
         "weights file … is a saved web page (HTML), not a PyTorch file: the download probably failed …",
-        api(lambda w: create_model("tv-resnet18", options={"weights_path": str(w.html)}))),
+        api(lambda w: create_model("torchvision:resnet18", weights=w.html))),
     "weights-other-model": Case(
-        "`create_model(\"tv-...\", options={\"weights_path\": ...})`",
+        "`evaluate --model NAME --weights FILE`, `create_model(NAME, weights=FILE)`",
         "a state dict of another architecture or class count",
-        "could not load … into tv-resnet18: Error(s) in loading state_dict for ResNet: … It must be a "
-        "torchvision state dict for resnet18 with 10 classes",
-        api(lambda w: create_model("tv-resnet18", options={"weights_path": str(w.foreign)}))),
+        "could not load … into torchvision:resnet18: Error(s) in loading state_dict for ResNet: … "
+        "It must be a state dict of torchvision:resnet18 with 10 classes: is the file for another "
+        "architecture, class count or input size?",
+        api(lambda w: create_model("torchvision:resnet18", num_classes=10, weights=w.foreign))),
     "weights-missing": Case(
-        "`create_model(\"tv-...\", options={\"weights_path\": ...})`", "a path that does not exist",
+        "`evaluate --model NAME --weights FILE`, `create_model(NAME, weights=FILE)`",
+        "a path that does not exist",
         "weights file not found: …; check the path (gradshield never downloads weights)",
-        api(lambda w: create_model("tv-resnet18", options={"weights_path": str(w.root / "no.pth")}))),
+        api(lambda w: create_model("torchvision:resnet18", weights=w.root / "no.pth"))),
+    "timm-name": Case(
+        "`evaluate --model timm:NAME`, `create_model(\"timm:NAME\")`", "a timm model that does not exist",
+        "timm has no model 'deit_smal_patch16_224' (did you mean deit_small_patch16_224, …?); "
+        "timm.list_models('*pattern*') lists them (timm …)",
+        api(lambda w: create_model("timm:deit_smal_patch16_224"))),
+    "timm-missing": Case(
+        "`evaluate --model timm:NAME`", "timm not installed",
+        "timm models need the timm package, which is not installed: pip install 'gradshield[timm]' "
+        "(or pip install timm)",
+        api(lambda w: _without("timm", lambda: create_model("timm:deit_small_patch16_224")))),
+    "robustbench-file-missing": Case(
+        "`evaluate --model robustbench:NAME --weights MODEL_DIR`",
+        "a model_dir without the model's file",
+        "RobustBench weights not found: …/cifar10/Linf/Carmon2019Unlabeled.pt (RobustBench's "
+        "model_dir layout is <model_dir>/cifar10/Linf/Carmon2019Unlabeled.pt). gradshield never "
+        "downloads: get the file once where there is internet, e.g. robustbench.utils.load_model("
+        "'Carmon2019Unlabeled', model_dir='models', dataset='cifar10', threat_model='Linf'), and "
+        "pass that model_dir (or the .pt file)",
+        cli("evaluate", "--model", "robustbench:Carmon2019Unlabeled", "--weights", "{root}",
+            "--dataset", "folder", "--data-dir", "{cifarlike}", "--suite", "quickstart")),
+    "imagenet-flat-val": Case(
+        "`--dataset imagenet --data-dir`", "a val/ folder of images without class folders",
+        "…/val holds 2 images but no class folders: the ILSVRC2012 validation archive unpacks flat. "
+        "Move each image into val/<wnid>/ (its class: the LOC_val_solution.csv labels, or the "
+        "widely used valprep.sh script) and rerun",
+        cli("evaluate", "--model", "torchvision:resnet18", "--weights", "{tv_weights}",
+            "--dataset", "imagenet", "--data-dir", "{flat_imagenet}")),
+    "imagenet-no-val": Case(
+        "`--dataset imagenet --data-dir`", "a folder without `val/` (e.g. the val folder itself)",
+        "… has no val/ folder; --dataset imagenet reads <data-dir>/val/<class>/<image> (ImageNet: "
+        "<data-dir>/val/n01440764/*.JPEG ...). … itself looks like a split (its sub-folders […] hold "
+        "images): pass its parent folder as --data-dir",
+        cli("evaluate", "--model", "torchvision:resnet18", "--weights", "{tv_weights}",
+            "--dataset", "imagenet", "--data-dir", "{cifarlike}/test")),
+    "model-and-checkpoint-missing": Case(
+        "`evaluate`", "neither --checkpoint nor --model",
+        "evaluate needs --checkpoint FILE (written by gradshield train) or --model NAME --weights "
+        "FILE (torchvision:NAME, timm:NAME, robustbench:NAME)",
+        cli("evaluate", "--suite", "quickstart")),
     "cache-malicious": Case(
         "the cache (`--cache-dir`)", "a cached data file replaced by a pickle that would run code",
         "cached data file … was refused: it asks for the Python object …; delete it and rerun (it is "
@@ -290,7 +340,8 @@ CASES: dict[str, Case] = {
     # ---------------------------------------------------------------- other options
     "model-name": Case(
         "`create_model(name)`", "an unknown architecture",
-        "unknown model 'resnet1000'; available: compact, …",
+        "unknown model 'resnet1000' (did you mean 'resnet18'?); available: compact, …, or "
+        "robustbench:NAME, timm:NAME, torchvision:NAME",
         api(lambda w: create_model("resnet1000"))),
     "defense-name": Case(
         "`train --defense`", "an unknown training recipe",
@@ -366,6 +417,12 @@ def world(tmp_path_factory) -> SimpleNamespace:
     w.cifarlike = image_folder(root / "cifar-like", CIFAR10_CLASSES, per_class=1)
     w.three = image_folder(root / "three", ("0", "1", "2"), per_class=1)
     w.mixed = image_folder(root / "mixed", ("a", "b"), per_class=1)
+    w.tv_weights = root / "resnet18.pth"
+    torch.save(create_model("torchvision:resnet18", num_classes=2).net.state_dict(), w.tv_weights)
+    w.flat_imagenet = root / "flat-imagenet"
+    (w.flat_imagenet / "val").mkdir(parents=True)
+    for i in range(2):
+        (w.flat_imagenet / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(png(i))
     (w.mixed / "train" / "a" / "big.png").write_bytes(png(5, (40, 40)))
     w.cache = root / "cache"
     w.archive = image_archive(root / "archive" / "cifar10-jpeg.tar.gz")

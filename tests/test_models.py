@@ -31,15 +31,17 @@ def test_normalisation_is_inside_the_model():
 
 
 def test_torchvision_architecture_by_name_without_download(tmp_path):
-    model = create_model("tv-resnet18", num_classes=5, mean=(0.485, 0.456, 0.406),
-                         std=(0.229, 0.224, 0.225), input_size=(64, 64))
+    model = create_model("torchvision:resnet18", num_classes=5, input_size=(64, 64))
+    assert model.config.mean == (0.485, 0.456, 0.406) and model.config.std == (0.229, 0.224, 0.225)
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 5)
     weights = tmp_path / "w.pth"
     torch.save(model.net.state_dict(), weights)
-    again = create_model("tv-resnet18", num_classes=5, options={"weights_path": str(weights)})
+    again = create_model("torchvision:resnet18", num_classes=5, weights=weights)
     assert torch.equal(again.net.fc.weight, model.net.fc.weight)
     with pytest.raises(GradshieldError, match="not found"):
-        create_model("tv-resnet18", options={"weights_path": str(tmp_path / "none.pth")})
+        create_model("torchvision:resnet18", weights=tmp_path / "none.pth")
+    with pytest.raises(GradshieldError, match="now torchvision:<name>"):
+        create_model("tv-resnet18")
 
 
 def test_unknown_model_lists_the_choices():

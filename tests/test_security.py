@@ -122,7 +122,7 @@ def test_suite_entry_surrogate_refuses_code(tmp_path, marker, capsys, digits):
 def test_torchvision_weights_file_refuses_code(tmp_path, marker, container):
     evil = write_malicious(tmp_path / "w.pth", marker, container=container, shape="state_dict")
     with pytest.raises(UnsafeFileError, match=f"weights file {re.escape(str(evil))} {REFUSED}"):
-        create_model("tv-resnet18", num_classes=3, options={"weights_path": str(evil)})
+        create_model("torchvision:resnet18", num_classes=3, weights=evil)
 
 
 def test_cached_data_file_refuses_code(tmp_path, marker, capsys):
@@ -178,7 +178,7 @@ def test_a_saved_web_page_says_so(tmp_path, head):
     assert "saved" in str(e.value) and "download it again" in str(e.value)
     assert "npickl" not in str(e.value)  # not an unpickling trace
     with pytest.raises(GradshieldError, match=r"weights file .* is a saved"):
-        create_model("tv-resnet18", options={"weights_path": str(page)})
+        create_model("torchvision:resnet18", weights=page)
 
 
 def test_a_git_lfs_pointer_says_so(tmp_path):

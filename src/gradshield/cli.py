@@ -19,18 +19,23 @@ from gradshield.errors import GradshieldError
 MAIN_HELP = """gradshield: gradient-based adversarial defenses (GCM, FGR) and their honest evaluation.
 
 Images are [0, 1] pixels. Data: --data-dir (or $GRADSHIELD_DATA) must hold cifar10-jpeg.tar.gz
-(the offline archive) or torchvision's CIFAR folders; derived files go to --cache-dir
-(or $GRADSHIELD_CACHE, default ~/.cache/gradshield)."""
+(the offline archive), torchvision's CIFAR folders, or an image folder (ImageNet: val/<wnid>/*.JPEG);
+derived files go to --cache-dir (or $GRADSHIELD_CACHE, default ~/.cache/gradshield)."""
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
     group = parser.add_argument_group("data")
+    from gradshield.data import DATASETS, STREAMED
+
     group.add_argument("--dataset", default="cifar10",
-                       choices=("cifar10", "cifar10-jpeg", "cifar100", "folder"),
+                       choices=DATASETS + (STREAMED if not train else ()),
                        help="data set; cifar10 uses <data-dir>/cifar10-jpeg.tar.gz when present, "
-                            "else torchvision's CIFAR-10 under <data-dir>; folder reads "
-                            "<data-dir>/train/<class>/* and <data-dir>/test/<class>/* "
-                            "(default: %(default)s)")
+                            "else torchvision's CIFAR-10 under <data-dir> (cifar100: its "
+                            "cifar-100-python folder); folder reads <data-dir>/train/<class>/* "
+                            "and <data-dir>/test/<class>/*"
+                            + ("" if train else "; imagenet streams <data-dir>/val/<wnid>/*.JPEG "
+                               "batch by batch with the model's evaluation transform")
+                            + " (default: %(default)s)")
     group.add_argument("--data-dir", default=None,
                        help="folder holding the data (default: $GRADSHIELD_DATA, else ./data)")
     group.add_argument("--cache-dir", default=None,
@@ -39,8 +44,10 @@ def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
     group.add_argument("--download", action="store_true",
                        help="let torchvision download CIFAR (needs internet; never done otherwise)")
     group.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                       help="--dataset folder only: resize every image to H x W pixels on load "
-                            "(default: keep the size; all images must then share it)")
+                       help="--dataset folder: resize every image to H x W pixels on load "
+                            "(default: keep the size; all images must then share it); "
+                            "--dataset imagenet: crop to H x W instead of the model's input size "
+                            "(the resize scales with it)")
     if train:
         group.add_argument("--train-limit", type=int, default=None, metavar="N",
                            help="train on a random subset of N images, chosen by --seed "
@@ -48,6 +55,14 @@ def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
     group.add_argument("--test-limit", type=int, default=None, metavar="N",
                        help="evaluate on a random subset of N test images, chosen by --seed "
                             "(default: all)")
+    if not train:
+        group.add_argument("--per-class", type=int, default=None, metavar="K",
+                           help="evaluate on K test images of each class, chosen by --seed (the "
+                                "GCM paper's C&W: 20 per category); with --test-limit, that many "
+                                "of those (default: all)")
+        group.add_argument("--workers", type=int, default=None, metavar="N",
+                           help="--dataset imagenet: image decoding processes (default: the "
+                                "usable cores, at most 8; 0 decodes in the main process)")
 
 
 def image_size(args: argparse.Namespace) -> tuple[int, int] | None:
@@ -60,11 +75,13 @@ def image_size(args: argparse.Namespace) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
-def _load_data(args: argparse.Namespace):
+def _load_data(args: argparse.Namespace, *, subset: bool = True):
     from gradshield.data import load_dataset
 
     train, test = load_dataset(args.dataset, args.data_dir, args.cache_dir,
                                download=args.download, image_size=image_size(args))
+    if not subset:
+        return train, test
     train = train.subset(getattr(args, "train_limit", None), seed=args.seed)
     return train, test.subset(args.test_limit, seed=args.seed)
 
@@ -75,8 +92,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="compact", choices=sorted(list_models()),
-                       help="architecture (default: %(default)s, the 2-core CPU net)")
+    model.add_argument("--model", default="compact",
+                       help=f"architecture: {', '.join(sorted(list_models()))} (`gradshield "
+                            "models` describes them) (default: %(default)s, the 2-core CPU net)")
     model.add_argument("--width", type=float, default=1.0,
                        help="channel-width multiplier (default: %(default)s)")
     opt = parser.add_argument_group(
@@ -131,6 +149,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-resume", action="store_true",
                      help="start over even if --out holds a checkpoint of the same run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--device", default="cpu",
+                     help="torch device, e.g. cuda (default: %(default)s); --amp auto uses "
+                          "bfloat16 autocast on a GPU")
 
 
 def parse_options(pairs: list[str], fields: dict[str, type]) -> dict:
@@ -204,13 +225,34 @@ def _train(args: argparse.Namespace):
     config = train_config(args)
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
-                         input_size=tuple(train_data.image_shape[1:]))
+                         input_size=tuple(train_data.image_shape[1:]),
+                         **dataset_normalization(args.dataset))
+    model = model.to(torch_device(getattr(args, "device", "cpu")))
     started = time.perf_counter()
     history = train(model, train_data, test_data, config, args.out, recipe=recipe,
                     resume=not args.no_resume, progress=not args.quiet,
                     extra_metadata={"command": " ".join(sys.argv), "dataset": args.dataset,
                                     "train_limit": args.train_limit})
     return model, history, time.perf_counter() - started
+
+
+def torch_device(name: str) -> torch.device:
+    """``--device`` as a torch.device, refusing a GPU torch cannot see."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise GradshieldError(f"--device {name!r} is not a torch device; use cpu or cuda "
+                              "(cuda:1 for the second GPU)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def dataset_normalization(dataset: str) -> dict:
+    """mean/std for a model trained on ``dataset`` (CIFAR-100's own; else the model's default)."""
+    from gradshield.models.registry import CIFAR100_MEAN, CIFAR100_STD
+
+    return {"mean": CIFAR100_MEAN, "std": CIFAR100_STD} if dataset == "cifar100" else {}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -228,19 +270,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.gcm:
         raise GradshieldError("--gcm needs --suite (e.g. --suite adaptive); clean accuracy "
                               "is unchanged by GCM by construction and is reported by every suite")
-    from gradshield.checkpoint import load_model
-    from gradshield.metrics import accuracy
+    from gradshield.metrics import predict
 
-    model, _ = load_model(args.checkpoint)
-    _, test = _load_data(args)
-    model.data_identity.check(test.classes, test.image_shape, model=f"the checkpoint {args.checkpoint}",
-                              data=f"the data set {args.dataset}")
-    x, y = test.as_float()
-    acc = accuracy(model, x, y, batch_size=args.batch_size)
-    result = {"checkpoint": args.checkpoint, "arch": model.config.arch, "examples": len(test),
-              "clean_accuracy": acc, "seed": args.seed}
+    model, described = load_evaluated_model(args)
+    examples = evaluation_data(args, model)
+    device = torch_device(args.device)
+    model = model.to(device)
+    starts = range(0, len(examples), args.batch_size)
+    ranges = [(a, min(a + args.batch_size, len(examples))) for a in starts]
+    correct = 0
+    for (start, stop), x in zip(ranges, examples.batches(ranges), strict=True):
+        pred = predict(model, x.to(device), args.batch_size).cpu()
+        correct += int((pred == examples.labels[start:stop]).sum())
+    result = {**described, "arch": model.config.arch, "examples": len(examples),
+              "clean_accuracy": correct / len(examples), "seed": args.seed}
     print(json.dumps(result))
     return 0
+
+
+def load_evaluated_model(args: argparse.Namespace):
+    """The model of ``evaluate``: a gradshield checkpoint (``--checkpoint``), or a model by name
+    with local weights (``--model NAME --weights FILE``); returns (model, what to record)."""
+    from gradshield.data import sha256_file
+
+    if args.checkpoint:
+        if args.model or args.weights:
+            raise GradshieldError("give --checkpoint, or --model NAME --weights FILE, not both")
+        from gradshield.checkpoint import load_model
+
+        model, _ = load_model(args.checkpoint)
+        return model, {"checkpoint": str(args.checkpoint)}
+    if not args.model:
+        raise GradshieldError("evaluate needs --checkpoint FILE (written by gradshield train) or "
+                              "--model NAME --weights FILE (torchvision:NAME, timm:NAME, "
+                              "robustbench:NAME)")
+    from gradshield.models import create_model
+
+    if args.weights is None:
+        raise GradshieldError(f"--model {args.model} needs --weights FILE (a local weights file; "
+                              "gradshield never downloads weights)")
+    classes = None  # a RobustBench model has its data set's classes; others get the data's
+    if not args.model.startswith("robustbench:"):
+        if args.dataset == "imagenet":
+            from gradshield.data import scan_split
+            from gradshield.paths import data_dir
+
+            classes = len(scan_split(data_dir(args.data_dir), "val")[2])
+        else:
+            classes = _load_data(args, subset=False)[1].num_classes
+    options = {"input_size": image_size(args)} if image_size(args) else {}
+    model = create_model(args.model, num_classes=classes, weights=args.weights, **options).eval()
+    weights = Path(args.weights)
+    return model, {"model_name": model.config.arch, "weights": str(weights),
+                   "weights_sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def evaluation_data(args: argparse.Namespace, model):
+    """The test examples of ``evaluate`` (checked against what a checkpoint was trained on):
+    :class:`~gradshield.data.TensorExamples`, or streamed files for ``--dataset imagenet``."""
+    from gradshield.checkpoint import data_identity
+    from gradshield.data import TensorExamples, image_folder_split, preprocess_for
+    from gradshield.paths import data_dir
+
+    if args.dataset == "imagenet":
+        config = getattr(model, "config", None)
+        preprocess = preprocess_for(config, image_size(args))
+        test = image_folder_split(data_dir(args.data_dir), "val", preprocess, name="imagenet",
+                                  workers=args.workers)
+    else:
+        _, test = _load_data(args, subset=False)
+    if args.per_class is not None:
+        test = test.per_class(args.per_class, seed=args.seed)
+    test = test.subset(args.test_limit, seed=args.seed)
+    identity = data_identity(model)
+    if identity is not None:
+        identity.check(test.classes, test.image_shape, model=f"the checkpoint {args.checkpoint}",
+                       data=f"the data set {args.dataset}")
+    if args.dataset == "imagenet":
+        return test
+    x, y = test.as_float()
+    description = {"dataset": args.dataset, "split": "test", "examples": len(test)}
+    return TensorExamples(x, y, tuple(test.classes), description)
 
 
 def _add_suite_options(parser: argparse.ArgumentParser) -> None:
@@ -282,48 +392,47 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_suite(args: argparse.Namespace) -> int:
-    """``gradshield evaluate --suite ...``: load checkpoint and data, run, print the summary as JSON."""
-    from gradshield.checkpoint import load_model
-    from gradshield.data import load_dataset, sha256_file
+    """``gradshield evaluate --suite ...``: load the model and data, run, print the summary as JSON."""
     from gradshield.evaluation import load_suite, run_suite
 
     if not args.suite:
         raise GradshieldError("--suite is required (built-in: gcm-paper, fgr-paper, adaptive, or a .toml)")
     suite = load_suite(args.suite)
-    model, _ = load_model(args.checkpoint)
-    surrogate = load_model(args.surrogate)[0] if args.surrogate else None
-    _, test = load_dataset(args.dataset, args.data_dir, args.cache_dir, download=args.download,
-                           image_size=image_size(args))
-    test = test.subset(args.test_limit, seed=args.seed)
-    for name, loaded in (("checkpoint", model), ("surrogate", surrogate)):
-        if loaded is not None:
-            loaded.data_identity.check(test.classes, test.image_shape,
-                                       model=f"the {name} {getattr(args, name)}",
-                                       data=f"the data set {args.dataset}")
+    model, described = load_evaluated_model(args)
+    examples = evaluation_data(args, model)
+    surrogate = None
+    if args.surrogate:
+        from gradshield.checkpoint import load_model
+
+        surrogate = load_model(args.surrogate)[0]
+        shape = examples.image_shape
+        surrogate.data_identity.check(examples.classes, shape, model=f"the surrogate {args.surrogate}",
+                                      data=f"the data set {args.dataset}")
     if args.gcm:
         from gradshield.defenses.concealment import conceal
 
         at = args.gcm if args.gcm in ("front", "all") else args.gcm.split(",")
         model = conceal(model, at=at, w=args.gcm_w, eps=args.gcm_eps)
-    device = torch.device(getattr(args, "device", "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
+    device = torch_device(getattr(args, "device", "cpu"))
     model = model.to(device)
     surrogate = surrogate.to(device) if surrogate is not None else None
+    name = (Path(args.checkpoint).resolve().parent.name if args.checkpoint
+            else args.model.replace(":", "-").replace("/", "-"))
     db = args.db or Path("runs/evaluate") / (
-        f"{suite.name}-{Path(args.checkpoint).resolve().parent.name}"
-        + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
-    x, y = test.as_float()
-    info = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "checkpoint": str(args.checkpoint), "checkpoint_sha256": sha256_file(Path(args.checkpoint)),
+        f"{suite.name}-{name}" + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
+    if args.checkpoint:
+        from gradshield.data import sha256_file
+
+        described["checkpoint_sha256"] = sha256_file(Path(args.checkpoint))
+    info = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **described,
             "gcm": {"at": args.gcm, "w": args.gcm_w, "eps": args.gcm_eps} if args.gcm else None,
             "surrogate": str(args.surrogate) if args.surrogate else None, "device": str(device),
-            "data": {"dataset": args.dataset, "split": "test", "test_limit": args.test_limit,
-                     "subset_seed": args.seed}}
-    summary = run_suite(model, x, y, suite, db, seed=args.seed, batch_size=args.batch_size,
-                        mode=args.mode, classes=test.classes, surrogate=surrogate,
-                        samples_per_attack=args.samples, diagnose=args.diagnose, info=info,
-                        progress=args.progress)
+            "data": {**examples.description, "dataset": args.dataset, "split": "val" if
+                     args.dataset == "imagenet" else "test", "test_limit": args.test_limit,
+                     "per_class": args.per_class, "subset_seed": args.seed}}
+    summary = run_suite(model, examples, None, suite, db, seed=args.seed, batch_size=args.batch_size,
+                        mode=args.mode, surrogate=surrogate, samples_per_attack=args.samples,
+                        diagnose=args.diagnose, info=info, progress=args.progress)
     short = {k: v for k, v in summary.items() if k != "attacks"}
     key = "robust_accuracy" if args.mode == "per-attack" else "cumulative_robust_accuracy"
     short[key] = {r["id"]: r[key] for r in summary["attacks"]}
@@ -376,7 +485,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         store_command(workspace, command)
         run_experiment(experiment, workspace, data_dir=args.data_dir, cache_dir=args.cache_dir,
                        device=args.device, progress=args.progress,
-                       only=args.only.split(",") if args.only else None, command=command)
+                       only=args.only.split(",") if args.only else None, command=command,
+                       weights_dir=args.weights_dir)
     return _experiment_report(args, command=None if args.report_only else command)
 
 
@@ -475,7 +585,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint: clean accuracy, or an attack "
                                         "suite with --suite (resumable, per-example results)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by train")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="instead of --checkpoint: a model by name, torchvision:NAME, timm:NAME or "
+                        "robustbench:DATASET/THREAT/NAME, with --weights (no gradshield checkpoint "
+                        "needed; its normalisation and input size come from its own config)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="with --model: its weights, a local state dict (.pth/.pt, read "
+                        "weights-only, or .safetensors); for robustbench: also RobustBench's "
+                        "model_dir (<dir>/<dataset>/<threat>/<name>.pt). Never downloaded")
     p.add_argument("--batch-size", type=int, default=500,
                    help="images per forward/attack batch; results do not depend on it "
                         "(default: %(default)s)")
@@ -513,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated models or grids: run only their runs and analyses")
     p.add_argument("--report-only", action="store_true",
                    help="render the report from what is stored; run nothing")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder that relative weights = \"...\" paths of models by name are read "
+                        "from (default: the experiment file's folder, else the working directory)")
     p.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
                    help="progress display (default: %(default)s)")
     p.add_argument("--data-dir", default=None,

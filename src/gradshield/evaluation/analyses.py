@@ -223,13 +223,13 @@ def execute_analysis(entry: dict, experiment, workspace, data, models) -> None:
 
     kind = KINDS[entry["kind"]]
     settings = settings_of(entry)
-    k = int(entry.get("examples", 256))
-    x, y = data.first(min(k, data.images.shape[0]))
+    k = min(int(entry.get("examples", 256)), data.size)
     names = experiment.expand(entry["models"], f"analysis {entry['id']}")
     conn = _connect(workspace.analyses)
     try:
         for name in names:
             model = models(name)
+            x, y = data.first(k, model)  # a streamed data set: preprocessed for this model
             fingerprint = model_fingerprint(model)
             key = json.dumps({"settings": settings, "examples": int(x.shape[0]),
                               "seed": experiment.seed}, sort_keys=True)

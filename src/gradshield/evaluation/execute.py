@@ -64,38 +64,92 @@ def default_workspace(experiment: Experiment, work_dir: str | os.PathLike | None
 @dataclass(frozen=True)
 class ExperimentData:
     """The evaluation examples: a seeded random subset of the test split, in random order (so the
-    first k of them, which a run with ``examples = k`` uses, are a random subset too)."""
+    first k of them, which a run with ``examples = k`` uses, are a random subset too). Held in
+    memory (``images``), or for a streamed data set (ImageNet) the files (``files``), preprocessed
+    for each model as that model expects."""
 
-    images: torch.Tensor            # float32 in [0, 1], (N, C, H, W)
+    images: torch.Tensor | None     # float32 in [0, 1], (N, C, H, W); None when streamed
     labels: torch.Tensor
     classes: tuple[str, ...]
     order: torch.Tensor             # their indices in the test split
     info: dict
     train: object = field(repr=False, default=None)  # the ImageData training split
     test: object = field(repr=False, default=None)   # the whole ImageData test split
+    files: object = field(repr=False, default=None)  # FileExamples of a streamed data set
 
-    def first(self, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if k is None:
-            return self.images, self.labels
-        if k > self.images.shape[0]:
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _count(self, k: int | None) -> int:
+        if k is not None and k > self.size:
             raise GradshieldError(f"a run asks for {k} examples but the experiment's data has "
-                                  f"{self.images.shape[0]}; raise [data] examples")
-        return self.images[:k], self.labels[:k]
+                                  f"{self.size}; raise [data] examples")
+        return self.size if k is None else k
+
+    def examples(self, k: int | None, model: nn.Module | None = None):
+        """The first ``k`` (all if None) as :class:`gradshield.data.Examples`; a streamed data set
+        is preprocessed as ``model`` expects (its config's input size and resize)."""
+        from gradshield.data import TensorExamples, preprocess_for
+
+        k = self._count(k)
+        if self.files is None:
+            return TensorExamples(self.images[:k], self.labels[:k], self.classes)
+        config = getattr(model, "config", None) or getattr(_undefended(model), "config", None)
+        if config is None:
+            raise GradshieldError("a streamed data set needs a model with a config (input size, "
+                                  "preprocessing) to preprocess its images")
+        return self.files.ordered(torch.arange(k)).with_preprocess(preprocess_for(config))
+
+    def first(self, k: int | None, model: nn.Module | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``k`` as tensors (a streamed data set: decoded now, preprocessed for ``model``)."""
+        from gradshield.data import take
+
+        examples = self.examples(k, model)
+        return take(examples, 0, len(examples)), examples.labels
+
+
+def _undefended(model):
+    from gradshield.attacks.adaptive import undefended
+
+    return undefended(model) if model is not None else None
+
+
+def _order(experiment: Experiment, labels: torch.Tensor, dataset: str, split: str
+           ) -> tuple[torch.Tensor, dict]:
+    """The evaluation subset's indices in random order, and how they were chosen."""
+    from gradshield.data import per_class_index
+
+    total, seed = labels.shape[0], experiment.seed
+    pool, how = torch.arange(total), f"len({split})"
+    per_class = experiment.data.get("per_class")
+    if per_class is not None:
+        pool = per_class_index(labels, per_class, seed)
+        how = f"per_class_index(labels, {per_class}, seed={seed})"
+    n = experiment.examples or len(pool)
+    if n > len(pool):
+        raise GradshieldError(f"[data] examples = {n} but the {dataset} {split} split has "
+                              f"{len(pool)} (to choose from)")
+    order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]]
+    return order, {"dataset": dataset, "split": split, "examples": n,
+                   "subset": f"{how}, permuted by torch.randperm(seed={seed}), first {n}"}
 
 
 def experiment_data(experiment: Experiment, data_dir=None, cache_dir=None) -> ExperimentData:
-    from gradshield.data import load_dataset
+    from gradshield.data import STREAMED, Preprocess, image_folder_split, load_dataset
+    from gradshield.paths import data_dir as default_data_dir
 
     dataset = experiment.data.get("dataset", "cifar10")
+    if dataset in STREAMED:
+        files = image_folder_split(default_data_dir(data_dir), "val", Preprocess(), name=dataset)
+        order, info = _order(experiment, files.labels, dataset, "val")
+        files = files.ordered(order)
+        info["preprocess"] = "each model's own (input size, resize, interpolation)"
+        return ExperimentData(None, files.labels, files.classes, order, info, files=files)
     train, test = load_dataset(dataset, data_dir, cache_dir)
-    n = experiment.examples or len(test)
-    if n > len(test):
-        raise GradshieldError(f"[data] examples = {n} but the {dataset} test split has {len(test)}")
-    generator = torch.Generator().manual_seed(experiment.seed)
-    order = torch.randperm(len(test), generator=generator)[:n]
+    order, info = _order(experiment, test.labels, dataset, "test")
     images = test.images[order].float().div_(255.0)
-    info = {"dataset": dataset, "split": "test", "examples": n,
-            "subset": f"torch.randperm(len(test), seed={experiment.seed})[:{n}], in that order"}
     return ExperimentData(images, test.labels[order], tuple(test.classes), order, info, train, test)
 
 
@@ -169,15 +223,31 @@ class Models:
     """The experiment's models by name, built once per process (trained or loaded as needed)."""
 
     def __init__(self, experiment: Experiment, workspace: Workspace, data: ExperimentData, *,
-                 device: torch.device, progress: bool = False) -> None:
+                 device: torch.device, progress: bool = False,
+                 weights_dir: str | os.PathLike | None = None) -> None:
         self.experiment, self.workspace, self.data = experiment, workspace, data
         self.device, self.progress = device, progress
+        self.weights_dir = Path(weights_dir).expanduser() if weights_dir is not None else None
         self._built: dict[str, nn.Module] = {}
+
+    def weights(self, spec: ModelSpec) -> Path:
+        """A ``weights`` path: absolute as given; relative to ``--weights-dir`` when given, else to
+        the experiment file's folder (where it exists there), else to the working directory."""
+        path = Path(spec.weights).expanduser()
+        if path.is_absolute():
+            return path
+        if self.weights_dir is not None:
+            return self.weights_dir / path
+        if self.experiment.path is not None and (self.experiment.path.parent / path).exists():
+            return self.experiment.path.parent / path
+        return path
 
     def checkpoint(self, name: str) -> Path | None:
         spec = self.experiment.models[name]
         while spec.base is not None:
             spec = self.experiment.models[spec.base]
+        if spec.model is not None:
+            return self.weights(spec)
         if spec.checkpoint is not None:
             path = Path(spec.checkpoint)
             if not path.is_absolute() and self.experiment.path is not None and \
@@ -201,11 +271,18 @@ class Models:
                 warnings.simplefilter("ignore", ConcealmentWarning)
                 return conceal(self(spec.base), at=spec.gcm["at"], w=spec.gcm["w"],
                                eps=spec.gcm["eps"])
+        if spec.model is not None:
+            from gradshield.models import create_model
+
+            classes = None if spec.model.startswith("robustbench:") else len(self.data.classes)
+            size = {"input_size": spec.input_size} if spec.input_size else {}
+            return create_model(spec.model, num_classes=classes, weights=self.weights(spec), **size)
         if spec.train is not None:
             train_model(spec, self.experiment, self.workspace, self.data, progress=self.progress)
         model, _ = load_model(self.checkpoint(spec.name))
-        model.data_identity.check(self.data.classes, tuple(self.data.images.shape[1:]),
-                                  model=f"model {spec.name!r}", data="the experiment's data set")
+        shape = None if self.data.images is None else tuple(self.data.images.shape[1:])
+        model.data_identity.check(self.data.classes, shape, model=f"model {spec.name!r}",
+                                  data="the experiment's data set")
         return model
 
 
@@ -229,7 +306,7 @@ def execute_run(run: RunSpec, experiment: Experiment, workspace: Workspace, data
 
     model = models(run.model)
     surrogate = models(run.surrogate) if run.surrogate else None
-    x, y = data.first(run.examples)
+    examples = data.examples(run.examples, model)
     checkpoint = models.checkpoint(run.model)
     spec = experiment.models[run.model]
     info = {"command": command, "experiment": experiment.name, "model_name": run.model,
@@ -237,8 +314,8 @@ def execute_run(run: RunSpec, experiment: Experiment, workspace: Workspace, data
             "defense": (f"GCM at {spec.gcm['at']} (w={spec.gcm['w']:g}, eps={spec.gcm['eps']:g})"
                         if spec.gcm else None),
             "through": run.through, "surrogate_name": run.surrogate,
-            "data": {**data.info, "examples_used": int(x.shape[0])}}
-    return run_suite(model, x.to(models.device), y.to(models.device), run_suite_of(experiment, run),
+            "data": {**data.info, "examples_used": len(examples)}}
+    return run_suite(model, examples, None, run_suite_of(experiment, run),
                      workspace.run_path(run), seed=experiment.seed, batch_size=run.batch_size,
                      mode=run.mode, classes=data.classes, surrogate=surrogate,
                      samples_per_attack=run.samples, info=info, progress=progress,
@@ -247,17 +324,18 @@ def execute_run(run: RunSpec, experiment: Experiment, workspace: Workspace, data
 
 def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=None, cache_dir=None,
                    device: str = "cpu", progress: str = "bar", only: list[str] | None = None,
-                   command: str = "") -> dict:
+                   command: str = "", weights_dir: str | os.PathLike | None = None) -> dict:
     """Everything the experiment declares: the models it trains, then its runs, then its analyses
-    (each in file order). ``only``: just these models (and what they need). Returns {run key:
-    summary}."""
+    (each in file order). ``only``: just these models (and what they need). ``weights_dir``: where
+    relative ``weights = "..."`` paths of models by name are. Returns {run key: summary}."""
     from gradshield.evaluation.analyses import execute_analysis
 
     data = experiment_data(experiment, data_dir, cache_dir)
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    models = Models(experiment, workspace, data, device=torch_device, progress=progress == "bar")
+    models = Models(experiment, workspace, data, device=torch_device, progress=progress == "bar",
+                    weights_dir=weights_dir)
     wanted = set(experiment.expand(only, "--only")) if only else None
     summaries = {}
     workspace.root.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,12 @@ An experiment file (see ``experiments/*.toml`` for complete ones)::
     [data]
     dataset = "cifar10"                       # as ``--dataset``
     examples = 1000                           # a seeded random subset of the test split
+    # per_class = 20                          # or: that many of each class (GCM paper's C&W)
     [models.vanilla]                          # a model: a checkpoint, or a training recipe
     train = { model = "compact", epochs = 20 }
+    [models.deit-s]                           # or a model by name with a local weights file
+    model = "timm:deit_small_patch16_224"
+    weights = "deit_small_patch16_224.safetensors"   # relative: to --weights-dir
     [variants.gcm-front]                      # a model with an inference-time defense
     base = "vanilla"
     gcm = { at = "front" }
@@ -84,11 +88,16 @@ def _list(value, where: str) -> list:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model of the experiment: a checkpoint file, a training recipe, or a variant of another
-    model (``base``) with an inference-time defense (``gcm``: GCM placement ``at``, ``w``, ``eps``)."""
+    """A model of the experiment: a checkpoint file, a training recipe, a model by name with a
+    weights file (``model``, ``weights``: ``torchvision:``/``timm:``/``robustbench:`` names, see
+    :func:`gradshield.models.create_model`), or a variant of another model (``base``) with an
+    inference-time defense (``gcm``: GCM placement ``at``, ``w``, ``eps``)."""
 
     name: str
     checkpoint: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    input_size: tuple[int, int] | None = None  # with model: instead of the model's own
     train: dict | None = None
     base: str | None = None
     gcm: dict | None = None
@@ -211,18 +220,36 @@ def _model_spec(name: str, table: dict, where: str, *, grid: str | None = None,
                 params: dict | None = None) -> ModelSpec:
     if not isinstance(table, dict):
         raise _fail(where, f"must be a table, got {type(table).__name__}")
-    sources = [k for k in ("checkpoint", "train", "base") if k in table]
+    sources = [k for k in ("checkpoint", "train", "base", "model") if k in table]
     if len(sources) != 1:
-        raise _fail(where, "give exactly one of checkpoint = \"FILE\", train = {...} or "
+        raise _fail(where, "give exactly one of checkpoint = \"FILE\", train = {...}, "
+                           "model = \"<library>:<name>\" (with weights = \"FILE\") or "
                            f"base = \"<model>\" (got {sources or 'none'})")
-    allowed = ("checkpoint", "train", "base", "gcm")
+    allowed = ("checkpoint", "train", "base", "gcm", "model", "weights", "input_size")
     _check_keys(table, allowed, where)
+    if ("model" in table) != ("weights" in table):
+        raise _fail(where, "model = \"<library>:<name>\" needs weights = \"FILE\" (a local "
+                           "weights file; gradshield never downloads) and weights needs model")
+    size = table.get("input_size")
+    if size is not None and ("model" not in table or not isinstance(size, list) or len(size) != 2
+                             or not all(isinstance(v, int) and v > 0 for v in size)):
+        raise _fail(where, "input_size = [H, W] (pixels) goes with model = \"...\"")
+    if "model" in table:
+        from gradshield.models import split_name
+
+        try:
+            split_name(str(table["model"]))
+        except GradshieldError as err:
+            raise _fail(where, str(err)) from None
     if "gcm" in table and "base" not in table:
         raise _fail(where, "gcm = {...} is a variant of another model: add base = \"<model>\"")
     if "base" in table and "gcm" not in table:
         raise _fail(where, "a variant needs gcm = {at = ..., w = ..., eps = ...}")
     return ModelSpec(
         name=name, checkpoint=str(table["checkpoint"]) if "checkpoint" in table else None,
+        model=str(table["model"]) if "model" in table else None,
+        weights=str(table["weights"]) if "weights" in table else None,
+        input_size=tuple(size) if size is not None else None,
         train=_train_spec(table["train"], f"{where}.train") if "train" in table else None,
         base=str(table["base"]) if "base" in table else None,
         gcm=_gcm_spec(table["gcm"], f"{where}.gcm") if "gcm" in table else None,
@@ -330,11 +357,13 @@ def parse_experiment(text: str, path: str | os.PathLike | None = None) -> Experi
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _fail(f"experiment {origin}", f"seed must be an integer, got {seed!r}")
     data_table = data.get("data", {})
-    _check_keys(data_table, ("dataset", "examples", "split"), f"experiment {origin} [data]")
+    _check_keys(data_table, ("dataset", "examples", "split", "per_class"),
+                f"experiment {origin} [data]")
     if data_table.get("split", "test") != "test":
         raise _fail(f"experiment {origin} [data]", "only split = \"test\" is evaluated")
-    if "examples" in data_table:
-        _positive_int(data_table["examples"], f"experiment {origin} [data]", "examples")
+    for key in ("examples", "per_class"):
+        if key in data_table:
+            _positive_int(data_table[key], f"experiment {origin} [data]", key)
     models: dict[str, ModelSpec] = {}
     grids: dict[str, list[str]] = {}
 
@@ -384,8 +413,8 @@ def parse_experiment(text: str, path: str | os.PathLike | None = None) -> Experi
     experiment = Experiment(
         name=str(data["name"]), title=str(data.get("title", data["name"])),
         description=str(data.get("description", "")), seed=seed,
-        data={"dataset": data_table.get("dataset", "cifar10"), **({"examples": data_table[
-            "examples"]} if "examples" in data_table else {})},
+        data={"dataset": data_table.get("dataset", "cifar10"),
+              **{k: data_table[k] for k in ("examples", "per_class") if k in data_table}},
         models=models, grids=grids, runs=tuple(runs),
         analyses=tuple(data.get("analyses", [])), claims=tuple(data.get("claims", [])),
         report=tuple(data.get("report", [])), source=text,

@@ -12,6 +12,10 @@ Two modes (stored in the file, shown in the report):
 Determinism: the examples are split into fixed batches (index order) and attack ``a`` on batch
 ``b`` draws its randomness from ``derived_generator(seed, a, b)``, so a resumed run equals an
 uninterrupted one.
+
+Data: tensors held in memory, or any :class:`gradshield.data.Examples` (e.g. ImageNet streamed
+from its files): the runner reads images only batch by batch, in the order it will use them, so
+a streamed source decodes ahead while the attacks run.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from gradshield.attacks.adaptive import bpda_default, marked_for_bpda, undefended
 from gradshield.attacks.base import AttackResult, is_adversarial
+from gradshield.data.examples import Examples, TensorExamples, as_examples, take
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.crafted import Crafted, CraftedStore, crafted_key
 from gradshield.evaluation.store import (
@@ -47,6 +52,9 @@ from gradshield.evaluation.store import (
 from gradshield.evaluation.suites import AttackSpec, Suite, attack_function
 from gradshield.evaluation.summary import summarize
 from gradshield.utils import derived_generator, eval_mode
+
+#: a data source that is not in memory is diagnosed on its first examples only
+DIAGNOSE_STREAMED = 512
 
 # --------------------------------------------------------------------------- models per attack
 
@@ -147,13 +155,19 @@ class _Progress:
             self.bar.close()
 
 
-def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suite: Suite,
-              db_path: str | os.PathLike, *, seed: int = 0, batch_size: int = 256,
+def run_suite(model: nn.Module, images: torch.Tensor | Examples, labels: torch.Tensor | None,
+              suite: Suite, db_path: str | os.PathLike, *, seed: int = 0, batch_size: int = 256,
               mode: str = "per-attack", classes: Sequence[str] | None = None,
               surrogate: nn.Module | None = None, samples_per_attack: int = 4,
               diagnose: bool = False, gradient_figure: bool = True, info: dict | None = None,
               progress: str = "bar", crafted: str | os.PathLike | None = None) -> dict:
     """Run ``suite`` on (``images`` in [0, 1], ``labels``) and store everything in ``db_path``.
+
+    ``images`` may instead be a :class:`gradshield.data.Examples` (with ``labels=None``), e.g.
+    ``gradshield.data.image_folder_split(...)``: its images are read batch by batch, never all at
+    once; its fingerprint identifies the data in the results file (resume), its ``classes`` and
+    ``description`` are stored. Gradient-masking diagnostics (``diagnose``) then use its first
+    ``DIAGNOSE_STREAMED`` examples (all of them for tensors).
 
     ``surrogate`` (for ``through = "transfer"`` entries): defaults to the model without its
     inference-time defense where it has one (:func:`gradshield.attacks.adaptive.undefended`).
@@ -164,33 +178,35 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     """
     from gradshield.checkpoint import data_identity
     from gradshield.metrics import predict
-    from gradshield.validation import check_images, check_labels
+    from gradshield.validation import check_labels
 
     if mode not in MODES:
         raise GradshieldError(f"mode must be one of {MODES}, got {mode!r}")
     if batch_size < 1:
         raise GradshieldError(f"batch_size must be >= 1, got {batch_size}")
-    check_images(images)
+    data = as_examples(images, labels, classes)
+    labels, n, image_shape = data.labels, len(data), tuple(data.image_shape)
+    if classes is None:
+        classes = data.classes
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     base = undefended(model)
     if num_classes is None and base is not None:
         num_classes = getattr(getattr(base, "config", None), "num_classes", None)
     identity = data_identity(model)
     if identity is not None:  # a model from a checkpoint knows the classes and image shape it learnt
-        identity.check(classes, tuple(images.shape[1:]))
+        identity.check(classes, image_shape)
     elif classes is not None and num_classes is not None and len(classes) != num_classes:
         raise GradshieldError(f"the model has {num_classes} classes but the data set has {len(classes)}; "
                               "evaluate the model on the data set it was trained on")
     if surrogate is not None and data_identity(surrogate) is not None:
-        data_identity(surrogate).check(classes, tuple(images.shape[1:]), model="the surrogate")
-    check_labels(labels, images.shape[0], num_classes)
+        data_identity(surrogate).check(classes, image_shape, model="the surrogate")
+    check_labels(labels, n, num_classes)
     if surrogate is None:
         surrogate = base
-    n, image_shape = images.shape[0], tuple(images.shape[1:])
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     identity = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "suite_digest": suite.digest,
                 "model_fingerprint": model_fingerprint(model),
-                "data_fingerprint": tensor_digest(images, labels), "examples": n, "seed": seed,
+                "data_fingerprint": data.fingerprint, "examples": n, "seed": seed,
                 "mode": mode, "batch_size": batch_size,
                 "surrogate_fingerprint": None if surrogate is None else model_fingerprint(surrogate)}
     meta = {"suite": suite.name, "suite_origin": suite.origin, "suite_toml": suite.source,
@@ -198,7 +214,7 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
             "image_shape": list(image_shape), "classes": list(classes) if classes else None,
             "model": repr(model) if len(repr(model)) < 4000 else repr(model)[:4000] + "...",
             "bpda_modules": sum(marked_for_bpda(m) for m in model.modules()),
-            "data": {"dataset": "in-memory tensors", "split": ""}, **(info or {})}
+            "data": data.description, **(info or {})}
     specs = suite.attacks
     # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
     named = {s.surrogate: _load_surrogate(s.surrogate, classes, image_shape).to(device) for s in specs
@@ -215,14 +231,18 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
     starts = list(range(0, n, batch_size))
     done = {(a, b) for a, b in conn.execute("SELECT aid, batch FROM batches")}
     bar = _Progress(progress, (len(specs) + 1) * len(starts), len(done), suite.name)
+    plan = [(start, min(start + batch_size, n)) for a in [CLEAN, *range(len(specs))]
+            for b, start in enumerate(starts) if (a, b) not in done]
+    batches = data.batches(plan)  # every batch still to do, in the order the loops below use them
     try:
         with eval_mode(model):
             for b, start in enumerate(starts):  # the clean pass
                 if (CLEAN, b) in done:
                     continue
+                x_batch = next(batches)
                 t0 = time.perf_counter()
                 stop = min(start + batch_size, n)
-                pred = predict(model, images[start:stop].to(device), batch_size).cpu()
+                pred = predict(model, x_batch.to(device), batch_size).cpu()
                 rows = [(start + i, int(labels[start + i]), int(p), int(p == labels[start + i]))
                         for i, p in enumerate(pred)]
                 with conn:
@@ -237,27 +257,29 @@ def run_suite(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, suit
                 for b, start in enumerate(starts):
                     if (a, b) in done:
                         continue
-                    _attack_batch(conn, a, b, spec, target, images, labels, correct, start,
+                    _attack_batch(conn, a, b, spec, target, next(batches), labels, correct, start,
                                   min(start + batch_size, n), mode, seed, image_shape, device,
                                   samples_per_attack, store, fingerprints)
                     bar.update(spec.id, b)
         if gradient_figure:
-            _store_gradient_figure(conn, model, base, images, labels, classes)
+            _store_gradient_figure(conn, model, base, data, classes)
         if diagnose:
-            _store_diagnostics(conn, model, images, labels, correct, specs, mode, seed, device)
+            _store_diagnostics(conn, model, data, correct, specs, mode, seed, device)
         with conn:
             conn.execute("REPLACE INTO meta VALUES ('status', ?)", (json.dumps("complete"),))
             conn.execute("REPLACE INTO meta VALUES ('finished', ?)", (json.dumps(time.time()),))
             notes = {s.id: t.note for s, t in zip(specs, targets, strict=True) if t.note}
             conn.execute("REPLACE INTO meta VALUES ('attack_notes', ?)", (json.dumps(notes),))
     finally:
+        batches.close()  # a streamed source's decoding processes end here
         bar.close()
         conn.close()
     return summarize(db_path)
 
 
-def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop, mode, seed,
+def _attack_batch(conn, a, b, spec, target, x_batch, labels, correct, start, stop, mode, seed,
                   image_shape, device, samples_per_attack, crafted, fingerprints) -> None:
+    """Attack ``a`` on batch ``b``: the examples [start, stop), whose images are ``x_batch``."""
     index = torch.arange(start, stop)
     eligible = correct[start:stop].clone()
     if mode == "worst-case":
@@ -270,9 +292,9 @@ def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop
     t0 = time.perf_counter()
     rows, sample_rows = [], []
     if index.numel():
-        x, y = images[index].to(device), labels[index].to(device)
+        x, y = x_batch[index - start].to(device), labels[index].to(device)
         if target.surrogate is not None:
-            result = _transfer(target, spec, images[start:stop].to(device),
+            result = _transfer(target, spec, x_batch.to(device),
                                labels[start:stop].to(device), index - start, image_shape,
                                (seed, a, b), crafted, fingerprints[id(target.surrogate)])
         else:
@@ -302,7 +324,7 @@ def _attack_batch(conn, a, b, spec, target, images, labels, correct, start, stop
                      (a, b, int(index.numel()), time.perf_counter() - t0))
 
 
-def _store_gradient_figure(conn, model, base, images, labels, classes, count: int = 4) -> None:
+def _store_gradient_figure(conn, model, base, data: Examples, classes, count: int = 4) -> None:
     if conn.execute("SELECT 1 FROM artifacts WHERE name = 'gradient_sign'").fetchone():
         return
     from gradshield.evaluation.plots import figure_png, plot_gradient_sign
@@ -310,28 +332,33 @@ def _store_gradient_figure(conn, model, base, images, labels, classes, count: in
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     models = ({"evaluated model": model} if base is None
               else {"without the defense": base, "with the defense": model})
-    x, y = images[:count].to(device), labels[:count].to(device)
+    count = min(count, len(data))
+    x, y = take(data, 0, count).to(device), data.labels[:count].to(device)
     fig = plot_gradient_sign(models, x, y, classes=classes)
     with conn:
         conn.execute("INSERT INTO artifacts VALUES ('gradient_sign', 'png', ?)", (figure_png(fig, dpi=90),))
 
 
-def _store_diagnostics(conn, model, images, labels, correct, specs, mode, seed, device) -> None:
+def _store_diagnostics(conn, model, data: Examples, correct, specs, mode, seed, device) -> None:
     from gradshield.evaluation.diagnostics import AttackRecord, diagnose
 
+    n = len(data)
+    k = n if isinstance(data, TensorExamples) else min(n, DIAGNOSE_STREAMED)
     records = []
     if mode == "per-attack":
-        matrix = success_matrix(conn, images.shape[0], len(specs))
+        matrix = success_matrix(conn, n, len(specs))
         for a, spec in enumerate(specs):
-            eps = spec.eps_for(tuple(images.shape[1:]))
+            eps = spec.eps_for(tuple(data.image_shape))
             if eps is not None:
                 records.append(AttackRecord(spec.id, spec.kind, spec.family, eps,
-                                            torch.from_numpy(matrix[a] == 1)))
-    verdict = diagnose(model, images.to(device), labels.to(device), records=records,
-                       clean_correct=correct, unbounded_examples=min(256, images.shape[0]),
-                       generator=derived_generator(seed, 10_000))
+                                            torch.from_numpy(matrix[a, :k] == 1)))
+    verdict = diagnose(model, take(data, 0, k).to(device), data.labels[:k].to(device),
+                       records=records, clean_correct=correct[:k],
+                       unbounded_examples=min(256, k), generator=derived_generator(seed, 10_000))
     payload = {**verdict.to_dict(), "text": verdict.text(),
                "records": "per-attack results" if records else "none (worst-case mode)"}
+    if k < n:
+        payload["examples"] = f"the first {k} of {n}"
     with conn:
         conn.execute("REPLACE INTO artifacts VALUES ('diagnostics', 'json', ?)",
                      (json.dumps(payload, default=float).encode(),))

@@ -1,4 +1,5 @@
-"""Data sets as in-memory uint8 tensors, and augmentation done on tensors in batches.
+"""Data sets small enough to hold in memory as uint8 tensors, and augmentation done on tensors in
+batches. (Large ones, e.g. ImageNet, stream from files: :mod:`gradshield.data.folders`.)
 
 Sources:
 - the offline archive ``cifar10-jpeg.tar.gz`` (image-folder layout inside a .tar.gz), decoded once
@@ -67,15 +68,45 @@ class ImageData:
         """A deterministic random subset of ``limit`` examples (all of them if None), in index order."""
         if limit is None or limit >= len(self):
             return self
-        if limit < 1:
-            raise GradshieldError(f"subset limit must be >= 1, got {limit}")
-        gen = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(self), generator=gen)[:limit].sort().values
+        index = subset_index(len(self), limit, seed)
+        return ImageData(self.images[index], self.labels[index], self.classes)
+
+    def per_class(self, count: int, seed: int = 0) -> ImageData:
+        """``count`` examples of each class (all of a class that has fewer), chosen at random by
+        ``seed``, in index order (the GCM paper's "20 images per category")."""
+        index = per_class_index(self.labels, count, seed)
         return ImageData(self.images[index], self.labels[index], self.classes)
 
     def as_float(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as float32 in [0, 1] and their labels."""
         return self.images.float().div_(255.0), self.labels
+
+
+def subset_index(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    """Indices of a seeded random subset of ``limit`` of ``n`` examples, in index order."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    if limit < 1:
+        raise GradshieldError(f"subset limit must be >= 1, got {limit}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:limit].sort().values
+
+
+def per_class_index(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Indices of ``count`` examples per class (all of a smaller class), drawn with one seeded
+    permutation, in index order."""
+    if count < 1:
+        raise GradshieldError(f"examples per class must be >= 1, got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(labels.shape[0], generator=gen)
+    taken: dict[int, int] = {}
+    chosen = []
+    for i in order.tolist():
+        label = int(labels[i])
+        if taken.get(label, 0) < count:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append(i)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -219,6 +250,8 @@ def load_torchvision_cifar(name: str, root: Path, download: bool) -> dict[str, I
 
 
 DATASETS = ("cifar10", "cifar10-jpeg", "cifar100", "folder")
+#: data sets read from files as needed (:mod:`gradshield.data.folders`), never held in memory
+STREAMED = ("imagenet",)
 
 
 def load_dataset(name: str, data: str | os.PathLike | None = None,
@@ -239,8 +272,13 @@ def load_dataset(name: str, data: str | os.PathLike | None = None,
         splits = load_torchvision_cifar(name, root, download)
     elif name == "folder":
         splits = {s: load_image_folder(root / s, image_size) for s in ("train", "test")}
+    elif name in STREAMED:
+        raise GradshieldError(f"{name} is read from its files batch by batch, never held in "
+                              "memory: use gradshield.data.image_folder_split (CLI: gradshield "
+                              "evaluate --dataset imagenet); training reads in-memory data sets only")
     else:
-        raise GradshieldError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+        raise GradshieldError(f"unknown data set {name!r}; choose one of "
+                              f"{', '.join(DATASETS + STREAMED)}")
     missing = {"train", "test"} - set(splits)
     if missing:
         raise GradshieldError(f"data set {name} at {root} lacks the split(s) {sorted(missing)}")
