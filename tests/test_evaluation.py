@@ -3,7 +3,6 @@ foreign or corrupt results files without touching them, runs adaptive attacks th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from gradshield.checkpoint import save_checkpoint
-from gradshield.cli import evaluate_suite
+from gradshield.cli import build_parser, evaluate_suite
 from gradshield.errors import GradshieldError
 from gradshield.evaluation import compare_runs, load_run, run_suite, summarize
 from gradshield.evaluation.suites import parse_suite
@@ -159,11 +158,10 @@ def test_checkpoint_classes_must_match_the_data(tmp_path, data):
     save_checkpoint(ckpt, {"model_config": five.config.to_dict(), "model_state": five.state_dict()})
     suite_path = tmp_path / "tiny.toml"
     suite_path.write_text(TINY)
-    args = argparse.Namespace(suite=str(suite_path), checkpoint=str(ckpt), dataset="cifar10",
-                              data_dir=str(data_dir()), cache_dir=None, download=False, test_limit=12,
-                              seed=0, gcm=None, gcm_w=1e20, gcm_eps=1e-8, db=str(tmp_path / "x.db"),
-                              mode="per-attack", surrogate=None, samples=2, diagnose=False,
-                              progress="none", batch_size=6)
+    args = build_parser().parse_args([
+        "evaluate", "--suite", str(suite_path), "--checkpoint", str(ckpt), "--data-dir",
+        str(data_dir()), "--test-limit", "12", "--db", str(tmp_path / "x.db"), "--samples", "2",
+        "--progress", "none", "--batch-size", "6"])
     with pytest.raises(GradshieldError, match="has 5 classes but the data set cifar10 has 10"):
         evaluate_suite(args)
     assert not (tmp_path / "x.db").exists()
