@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from gradshield.errors import GradshieldError
+from gradshield.utils import draw_rows
 from gradshield.warp import PADDING_MODES, warp
 
 NORMS = ("linf", "l2", "l1")
@@ -173,14 +174,19 @@ def steepest_ascent(grad: torch.Tensor, step_size: torch.Tensor, norm: str, *, t
 
 def _noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor,
            kind: str) -> torch.Tensor:
+    """Random values of ``shape`` (examples along dim 0; a rank's rows of the global batch's
+    values with a :class:`~gradshield.utils.ShardGenerator`)."""
     device = generator.device if generator is not None else like.device
-    if kind == "uniform":
-        out = torch.rand(shape, generator=generator, device=device, dtype=like.dtype)
-    elif kind == "normal":
-        out = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    else:  # standard exponential
-        out = torch.empty(shape, device=device, dtype=like.dtype).exponential_(generator=generator)
-    return out.to(like.device)
+
+    def draw(n: int) -> torch.Tensor:
+        full = (n, *shape[1:])
+        if kind == "uniform":
+            return torch.rand(full, generator=generator, device=device, dtype=like.dtype)
+        if kind == "normal":
+            return torch.randn(full, generator=generator, device=device, dtype=like.dtype)
+        return torch.empty(full, device=device, dtype=like.dtype).exponential_(generator=generator)
+
+    return draw_rows(draw, shape[0], generator).to(like.device)
 
 
 def sample_ball(shape: tuple[int, ...], eps: torch.Tensor, norm: str, generator: torch.Generator | None,
