@@ -1,0 +1,151 @@
+"""BatchNorm over the global batch of a data-parallel run, differentiable to any order.
+
+In training mode a BatchNorm layer normalises with its batch's statistics, so N processes that
+each normalise their share of a batch compute another function than one process on the whole
+batch (and their running statistics drift apart). :class:`GlobalBatchNorm` normalises every
+rank's share with the statistics of the global batch, so N ranks compute, to float rounding, what
+one process computes on the global batch.
+
+Why not ``torch.nn.SyncBatchNorm``: its backward is a hand-written function of non-differentiable
+kernels (``batch_norm_backward_elemt``) and an in-place all-reduce, so double backpropagation
+(the exact IGR/FGR penalties) fails through it (pytorch/pytorch#61222), and it runs on GPUs only.
+Here the statistics are combined with a differentiable all-reduce (:class:`_SumOverRanks`, whose
+backward is itself again; ``torch.distributed.nn.functional.all_reduce`` does the same but is
+deprecated, its successor private) and the normalisation is ordinary tensor algebra, so autograd
+differentiates it to any order: an input gradient taken on one rank (``autograd.grad(local
+losses, local x)``) includes the other ranks' terms through the shared statistics, exactly as one
+process's per-example gradients include the cross-example terms of its batch statistics.
+
+Per layer and forward pass: one all-reduce of a (world size, 2C + 1) table (each rank's count,
+mean and variance per channel, combined with Chan et al.'s parallel formula); its backward one
+more. The statistics and normalisation are computed in float32 (bf16 autocast included). In
+eval mode, or with one process, the layer is plain BatchNorm (running statistics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from gradshield.errors import GradshieldError
+
+#: The BatchNorm layers swapped for :class:`GlobalBatchNorm` (exactly these types: a subclass may
+#: do more in its forward, e.g. timm's BatchNormAct2d adds an activation).
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``t`` summed over the ranks of ``group``; its gradient is the sum over ranks of the
+    gradients, taken by this same function (so differentiable to any order)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _SumOverRanks.apply(grad, ctx.group), None
+
+
+def _world(group) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """A BatchNorm layer whose training-mode statistics are those of the global batch (all ranks
+    of ``group``, default the whole world); same parameters, buffers and state-dict keys as
+    ``nn.BatchNorm{1,2,3}d``. Build one from an existing layer with :meth:`sharing`."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, group=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.group = group
+
+    @classmethod
+    def sharing(cls, layer: _BatchNorm, group=None) -> GlobalBatchNorm:
+        """A GlobalBatchNorm that shares ``layer``'s parameters and buffers (trains them in place)."""
+        new = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                  layer.track_running_stats, group)
+        for name in ("weight", "bias"):
+            setattr(new, name, getattr(layer, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            new._buffers[name] = layer._buffers.get(name)
+        new.train(layer.training)
+        return new
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise GradshieldError(f"BatchNorm expects (N, C, ...) input, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rank, world = _world(self.group)
+        if not self.training or world == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        count = torch.full((1,), float(x.numel() // max(1, c)), dtype=xf.dtype, device=x.device)
+        mine = torch.cat([mean, var, count])
+        zero = torch.zeros_like(mine)
+        table = _SumOverRanks.apply(torch.stack([mine if r == rank else zero for r in range(world)]),
+                                    self.group)
+        means, variances, counts = table[:, :c], table[:, c:2 * c], table[:, 2 * c:]
+        total = counts.sum()
+        global_mean = (counts * means).sum(0) / total
+        global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                unbiased = global_var * (total / (total - 1))
+                self.running_mean.mul_(1 - factor).add_(global_mean.detach().to(self.running_mean.dtype),
+                                                         alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.detach().to(self.running_var.dtype),
+                                                        alpha=factor)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        scale = torch.rsqrt(global_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.float()
+        out = (xf - global_mean.view(shape)) * scale.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.float().view(shape)
+        return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def global_batchnorm(model: nn.Module, group=None) -> Iterator[nn.Module]:
+    """Inside this context every BatchNorm layer of ``model`` is a :class:`GlobalBatchNorm` sharing
+    its parameters and buffers; the original layers (trained in place) are put back after. A
+    BatchNorm subclass it cannot stand in for is refused."""
+    swaps = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, _BatchNorm) and not isinstance(child, GlobalBatchNorm):
+                if type(child) not in PLAIN_BATCHNORMS:
+                    where = f"{parent_name}.{name}" if parent_name else name
+                    raise GradshieldError(
+                        f"layer {where} is a {type(child).__name__}, a BatchNorm variant gradshield "
+                        "cannot synchronise across processes; train this model in one process, or "
+                        "build it with plain nn.BatchNorm{1,2,3}d layers")
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        setattr(parent, name, GlobalBatchNorm.sharing(child, group))
+    try:
+        yield model
+    finally:
+        for parent, name, child in reversed(swaps):
+            child.train(getattr(parent, name).training)
+            setattr(parent, name, child)
