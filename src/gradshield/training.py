@@ -347,5 +347,6 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
                 shown = f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
                 tqdm.write(f"epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f}"
                            f"{shown} ({elapsed:.0f} s)")
+        del net  # DDP's gradient hooks go with it
     model.eval()
     return history

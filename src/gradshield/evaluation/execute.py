@@ -275,7 +275,7 @@ def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=Non
         (workspace.root / "experiment.toml").write_text(experiment.source)
         (workspace.root / "data.json").write_text(json.dumps({**data.info,
                                                               "classes": list(data.classes)}))
-    distributed.barrier(context)
+    distributed.check_shared_folder(workspace.root, context, "the experiment's work folder")
     for name, spec in experiment.models.items():
         if spec.train is not None and (wanted is None or name in wanted):
             train_model(spec, experiment, workspace, data, progress=progress == "bar" and context.main,
