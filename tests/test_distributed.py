@@ -149,6 +149,34 @@ def test_global_batchnorm_is_batchnorm_in_one_process_and_swaps_back(one_thread)
         pass
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalisation_by_given_statistics_is_differentiable_twice(affine):
+    """The fused normalisation GlobalBatchNorm applies with the global statistics: its gradient
+    (PyTorch's kernel, or differentiable operations while a graph is built) and the gradient of
+    that gradient against float64 finite differences."""
+    from gradshield.distributed.batchnorm import _Normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    mean = torch.randn(2, dtype=torch.float64, generator=g).requires_grad_()
+    var = (torch.rand(2, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    params = [torch.randn(2, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2)] \
+        if affine else [None, None]
+    inputs = (x, mean, var, *[p for p in params if p is not None])
+
+    def normalise(x, mean, var, *wb):
+        weight, bias = wb if affine else (None, None)
+        return _Normalize.apply(x, mean, var, weight, bias, 1e-5)
+
+    assert torch.autograd.gradcheck(normalise, inputs)
+    assert torch.autograd.gradgradcheck(normalise, inputs)
+    upstream = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    kernel = torch.autograd.grad(normalise(*inputs), inputs, upstream)
+    graph = torch.autograd.grad(normalise(*inputs), inputs, upstream, create_graph=True)
+    for a, b in zip(kernel, graph, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_single_process_run_merges_shards_a_killed_launch_left(tmp_path, trained_model, cifar, one_thread):
     """A launch killed mid-way leaves shard files; a one-process rerun of the same evaluation
     merges them and runs only what they lack, ending equal to an uninterrupted run."""

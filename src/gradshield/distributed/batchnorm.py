@@ -18,7 +18,7 @@ process's per-example gradients include the cross-example terms of its batch sta
 
 Per layer and forward pass: one all-reduce of a (world size, 2C + 1) table (each rank's count,
 mean and variance per channel, combined with Chan et al.'s parallel formula); its backward one
-more. The statistics and normalisation are computed in float32 (bf16 autocast included). In
+more. The statistics are computed in float32 at least (bf16 autocast included). In
 eval mode, or with one process, the layer is plain BatchNorm (running statistics).
 """
 
@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from gradshield.errors import GradshieldError
@@ -53,6 +54,52 @@ class _SumOverRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _SumOverRanks.apply(grad, ctx.group), None
+
+
+def _channel(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast) up to float32; float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+class _Normalize(torch.autograd.Function):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel, for given (global) statistics
+    ``mean`` and ``var`` (float32 or float64, differentiable): PyTorch's fused BatchNorm kernels in eval
+    mode forward, and backward where no graph is being built; where one is (double
+    backpropagation), the backward is made of differentiable tensor operations instead."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps):
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, var, weight, bias = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        invstd = torch.rsqrt(var + ctx.eps)
+        gain = invstd if weight is None else invstd * weight
+        if torch.is_grad_enabled():  # building a graph: differentiable operations
+            xhat = (_wide(x) - _channel(mean, x.dim())) * _channel(invstd, x.dim())
+            grad_f = _wide(grad)
+            grad_x = (grad_f * _channel(gain, x.dim())).to(x.dtype)
+            sum_grad, sum_grad_xhat = grad_f.sum(dims), (grad_f * xhat).sum(dims)
+        else:  # PyTorch's kernel: the input gradient with the statistics held fixed, and the sums
+            grad_x, sum_grad_xhat_w, sum_grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, mean, var, None, None, False, ctx.eps,
+                [True, weight is not None, bias is not None])
+            sum_grad = sum_grad_b if bias is not None else _wide(grad).sum(dims)
+            sum_grad_xhat = sum_grad_xhat_w if weight is not None else \
+                (_wide(grad) * (_wide(x) - _channel(mean, x.dim())) * _channel(invstd, x.dim())).sum(dims)
+        grad_mean = -gain * sum_grad  # through the statistics: per channel, then the caller's graph
+        grad_var = -0.5 * gain * invstd * sum_grad_xhat
+        return (grad_x, grad_mean, grad_var,
+                None if weight is None else sum_grad_xhat.to(weight.dtype),
+                None if bias is None else sum_grad.to(bias.dtype), None)
 
 
 def _world(group) -> tuple[int, int]:
@@ -94,7 +141,7 @@ class GlobalBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         c = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        xf = x.float()
+        xf = _wide(x)
         var, mean = torch.var_mean(xf, dim=dims, correction=0)
         count = torch.full((1,), float(x.numel() // max(1, c)), dtype=xf.dtype, device=x.device)
         mine = torch.cat([mean, var, count])
@@ -115,14 +162,7 @@ class GlobalBatchNorm(_BatchNorm):
                                                          alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.detach().to(self.running_var.dtype),
                                                         alpha=factor)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        scale = torch.rsqrt(global_var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.float()
-        out = (xf - global_mean.view(shape)) * scale.view(shape)
-        if self.bias is not None:
-            out = out + self.bias.float().view(shape)
-        return out.to(x.dtype)
+        return _Normalize.apply(x, global_mean, global_var, self.weight, self.bias, self.eps)
 
 
 @contextlib.contextmanager
