@@ -177,6 +177,24 @@ def test_normalisation_by_given_statistics_is_differentiable_twice(affine):
         torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_batch_statistics_match_var_mean_and_are_differentiable_twice():
+    from gradshield.distributed.batchnorm import _Moments
+
+    g = torch.Generator().manual_seed(1)
+    x = (3 + torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g)).requires_grad_()
+    mean, var = _Moments.apply(x, 1e-5)
+    expected_var, expected_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, expected_var, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: _Moments.apply(x, 1e-5), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: _Moments.apply(x, 1e-5), (x,))
+    low = (3 + torch.randn(3, 2, 4, 4, generator=g)).to(torch.bfloat16)  # autocast's activations
+    mean, var = _Moments.apply(low, 1e-5)
+    expected_var, expected_mean = torch.var_mean(low.float(), dim=[0, 2, 3], correction=0)
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-7)
+
+
 def test_single_process_run_merges_shards_a_killed_launch_left(tmp_path, trained_model, cifar, one_thread):
     """A launch killed mid-way leaves shard files; a one-process rerun of the same evaluation
     merges them and runs only what they lack, ending equal to an uninterrupted run."""
