@@ -9,17 +9,20 @@ one process computes on the global batch.
 Why not ``torch.nn.SyncBatchNorm``: its backward is a hand-written function of non-differentiable
 kernels (``batch_norm_backward_elemt``) and an in-place all-reduce, so double backpropagation
 (the exact IGR/FGR penalties) fails through it (pytorch/pytorch#61222), and it runs on GPUs only.
-Here the statistics are combined with a differentiable all-reduce (:class:`_SumOverRanks`, whose
-backward is itself again; ``torch.distributed.nn.functional.all_reduce`` does the same but is
-deprecated, its successor private) and the normalisation is ordinary tensor algebra, so autograd
-differentiates it to any order: an input gradient taken on one rank (``autograd.grad(local
-losses, local x)``) includes the other ranks' terms through the shared statistics, exactly as one
-process's per-example gradients include the cross-example terms of its batch statistics.
+Here each rank's statistics come from PyTorch's BatchNorm kernel, are combined with a
+differentiable all-reduce (:class:`_SumOverRanks`, whose backward is itself again;
+``torch.distributed.nn.functional.all_reduce`` does the same but is deprecated, its successor
+private), and the normalisation by the global statistics is PyTorch's fused eval-mode kernel.
+The backward passes are PyTorch's kernels too, except while a graph is being built (double
+backpropagation): then they are ordinary tensor operations, so autograd differentiates them
+again, to any order. An input gradient taken on one rank (``autograd.grad(local losses, local
+x)``) so includes the other ranks' terms through the shared statistics, exactly as one process's
+per-example gradients include the cross-example terms of its batch statistics.
 
 Per layer and forward pass: one all-reduce of a (world size, 2C + 1) table (each rank's count,
 mean and variance per channel, combined with Chan et al.'s parallel formula); its backward one
-more. The statistics are computed in float32 at least (bf16 autocast included). In
-eval mode, or with one process, the layer is plain BatchNorm (running statistics).
+more. The statistics are float32 at least (bf16 autocast included). In eval mode, or with one
+process, the layer is plain BatchNorm (running statistics).
 """
 
 from __future__ import annotations
