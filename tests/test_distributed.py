@@ -157,7 +157,7 @@ def test_normalisation_by_given_statistics_is_differentiable_twice(affine):
     from gradshield.distributed.batchnorm import _Normalize
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
     mean = torch.randn(2, dtype=torch.float64, generator=g).requires_grad_()
     var = (torch.rand(2, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
     params = [torch.randn(2, dtype=torch.float64, generator=g).requires_grad_() for _ in range(2)] \
@@ -181,7 +181,7 @@ def test_batch_statistics_match_var_mean_and_are_differentiable_twice():
     from gradshield.distributed.batchnorm import _Moments
 
     g = torch.Generator().manual_seed(1)
-    x = (3 + torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=g)).requires_grad_()
+    x = (3 + torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=g)).requires_grad_()
     mean, var = _Moments.apply(x, 1e-5)
     expected_var, expected_mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=1e-12)
