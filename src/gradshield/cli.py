@@ -1,6 +1,8 @@
 """The ``gradshield`` command line: a thin layer that parses options and calls the library.
 
 Sub-commands: ``train``, ``evaluate``, ``quickstart``, ``models``. Run ``gradshield CMD --help``.
+Started by torchrun (``torchrun --nproc-per-node=N -m gradshield train|evaluate|experiment ...``),
+the command joins the process group first (docs/distributed.md) and rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -13,14 +15,20 @@ from pathlib import Path
 
 import torch
 
-from gradshield import __version__
+from gradshield import __version__, distributed
 from gradshield.errors import GradshieldError
 
 MAIN_HELP = """gradshield: gradient-based adversarial defenses (GCM, FGR) and their honest evaluation.
 
 Images are [0, 1] pixels. Data: --data-dir (or $GRADSHIELD_DATA) must hold cifar10-jpeg.tar.gz
 (the offline archive), torchvision's CIFAR folders, or an image folder (ImageNet: val/<wnid>/*.JPEG);
-derived files go to --cache-dir (or $GRADSHIELD_CACHE, default ~/.cache/gradshield)."""
+derived files go to --cache-dir (or $GRADSHIELD_CACHE, default ~/.cache/gradshield).
+
+Several processes (GPUs, nodes): torchrun --nproc-per-node=N -m gradshield train|evaluate|experiment
+... trains data-parallel (--batch-size is the global batch) or shards an evaluation's examples;
+see docs/distributed.md."""
+#: Sub-commands that run data-parallel when started by torchrun.
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "experiment")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, *, train: bool) -> None:
@@ -108,9 +116,11 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                           "10 after 40 and 60, batch 128)")
     opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=int, default=None,
-                     help=f"images per step (default: {d.batch_size})")
+                     help="images per optimiser step: the GLOBAL batch; under torchrun each of the "
+                          f"N processes takes batch-size / N of it (default: {d.batch_size})")
     opt.add_argument("--lr", type=float, default=None,
-                     help="peak learning rate of SGD, reached after the warm-up (default: "
+                     help="peak learning rate of SGD for the global batch, reached after the "
+                          "warm-up; not rescaled with the number of processes (default: "
                           f"{d.lr})")
     opt.add_argument("--schedule", default=None, choices=("linear", "step"),
                      help="after the warm-up: linear decay to 0, or step (lr x --gamma at each of "
@@ -150,8 +160,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="start over even if --out holds a checkpoint of the same run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--device", default="cpu",
-                     help="torch device, e.g. cuda (default: %(default)s); --amp auto uses "
-                          "bfloat16 autocast on a GPU")
+                     help="torch device, e.g. cuda (under torchrun: cuda is each process's GPU "
+                          "LOCAL_RANK, with NCCL); --amp auto uses bfloat16 autocast on a GPU "
+                          "(default: %(default)s)")
 
 
 def parse_options(pairs: list[str], fields: dict[str, type]) -> dict:
@@ -221,13 +232,13 @@ def _train(args: argparse.Namespace):
     from gradshield.training import train
 
     recipe = _make_recipe(args)  # bad options fail before the data loads
+    device = torch_device(getattr(args, "device", "cpu"))
     train_data, test_data = _load_data(args)
     config = train_config(args)
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
                          input_size=tuple(train_data.image_shape[1:]),
-                         **dataset_normalization(args.dataset))
-    model = model.to(torch_device(getattr(args, "device", "cpu")))
+                         **dataset_normalization(args.dataset)).to(device)
     started = time.perf_counter()
     history = train(model, train_data, test_data, config, args.out, recipe=recipe,
                     resume=not args.no_resume, progress=not args.quiet,
@@ -237,15 +248,14 @@ def _train(args: argparse.Namespace):
 
 
 def torch_device(name: str) -> torch.device:
-    """``--device`` as a torch.device, refusing a GPU torch cannot see."""
+    """``--device`` as a torch.device, refusing a GPU torch cannot see; under torchrun a bare
+    ``cuda`` is this process's GPU (``LOCAL_RANK``)."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise GradshieldError(f"--device {name!r} is not a torch device; use cpu or cuda "
                               "(cuda:1 for the second GPU)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    return device
+    return distributed.local_device(device)
 
 
 def dataset_normalization(dataset: str) -> dict:
@@ -258,9 +268,12 @@ def dataset_normalization(dataset: str) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     _, history, seconds = _train(args)
     last = history[-1] if history else {}
-    print(json.dumps({"out": str(Path(args.out) / "checkpoint.pt"), "epochs": len(history),
-                      "test_acc": last.get("test_acc"), "train_time_s": last.get("elapsed_s"),
-                      "wall_time_this_call_s": round(seconds, 1)}))
+    context = distributed.current()
+    if context.main:
+        print(json.dumps({"out": str(Path(args.out) / "checkpoint.pt"), "epochs": len(history),
+                          "test_acc": last.get("test_acc"), "train_time_s": last.get("elapsed_s"),
+                          "wall_time_this_call_s": round(seconds, 1),
+                          "processes": context.world_size}))
     return 0
 
 
@@ -284,7 +297,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         correct += int((pred == examples.labels[start:stop]).sum())
     result = {**described, "arch": model.config.arch, "examples": len(examples),
               "clean_accuracy": correct / len(examples), "seed": args.seed}
-    print(json.dumps(result))
+    if distributed.current().main:
+        print(json.dumps(result))
     return 0
 
 
@@ -387,8 +401,9 @@ def _add_suite_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--progress", default="bar", choices=("bar", "lines", "none"),
                        help="progress display (default: %(default)s)")
     group.add_argument("--device", default="cpu",
-                       help="torch device for model and attacks, e.g. cuda (default: %(default)s; "
-                            "resume a run on the device it started on: results are exact per device)")
+                       help="torch device for model and attacks, e.g. cuda (under torchrun: each "
+                            "process's GPU LOCAL_RANK, with NCCL) (default: %(default)s; resume a "
+                            "run on the device it started on: results are exact per device)")
 
 
 def evaluate_suite(args: argparse.Namespace) -> int:
@@ -437,7 +452,8 @@ def evaluate_suite(args: argparse.Namespace) -> int:
     key = "robust_accuracy" if args.mode == "per-attack" else "cumulative_robust_accuracy"
     short[key] = {r["id"]: r[key] for r in summary["attacks"]}
     short = json.loads(json.dumps(short), parse_constant=lambda _: None)  # NaN -> null
-    print(json.dumps(short))
+    if distributed.current().main:
+        print(json.dumps(short))
     return 0
 
 
@@ -481,12 +497,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     workspace = default_workspace(experiment, args.work_dir)
     command = " ".join(["gradshield", *sys.argv[1:]]) if sys.argv[1:2] == ["experiment"] else \
         f"gradshield experiment {args.experiment}"
+    context = distributed.current()
     if not args.report_only:
-        store_command(workspace, command)
+        if context.main:
+            store_command(workspace, command)
         run_experiment(experiment, workspace, data_dir=args.data_dir, cache_dir=args.cache_dir,
                        device=args.device, progress=args.progress,
                        only=args.only.split(",") if args.only else None, command=command,
                        weights_dir=args.weights_dir)
+    if not context.main:  # rank 0 writes the report
+        return 0
     return _experiment_report(args, command=None if args.report_only else command)
 
 
@@ -631,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated models or grids: run only their runs and analyses")
     p.add_argument("--report-only", action="store_true",
                    help="render the report from what is stored; run nothing")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device (under torchrun: cuda is each process's GPU LOCAL_RANK) "
+                        "(default: %(default)s)")
     p.add_argument("--weights-dir", default=None,
                    help="folder that relative weights = \"...\" paths of models by name are read "
                         "from (default: the experiment file's folder, else the working directory)")
@@ -657,17 +679,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_process_group(args: argparse.Namespace) -> bool:
+    """Started by torchrun: join the process group (NCCL for --device cuda, gloo otherwise) and
+    return True; else False and nothing happens."""
+    if not distributed.launched():
+        return False
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise GradshieldError(f"`gradshield {args.command}` runs in one process; start it without "
+                              f"torchrun (torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+    distributed.init_from_env(getattr(args, "device", "cpu"))
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    joined = False
     try:
+        joined = join_process_group(args)
         return args.func(args)
     except GradshieldError as err:
-        print(f"gradshield: error: {err}", file=sys.stderr)
+        context = distributed.current()
+        where = f" (rank {context.rank} of {context.world_size})" if context.distributed else ""
+        print(f"gradshield: error{where}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gradshield: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -3,10 +3,23 @@ epoch that resume exactly after a kill, metrics as JSON lines, a progress bar.
 
 Randomness (order, augmentation, a recipe's random starts) comes from a generator derived from
 (seed, epoch), so an epoch interrupted by a kill is replayed identically on resume.
+
+Data-parallel (launched by torchrun, :mod:`gradshield.distributed`): ``batch_size`` and ``lr``
+are those of the GLOBAL batch. Each of the N ranks draws the seeded epoch order and takes its
+``batch_size / N`` rows of each batch, with the augmentation and recipe randomness one process
+would give those rows (:class:`~gradshield.utils.ShardGenerator`); the model is wrapped in
+DistributedDataParallel (gradients averaged over ranks) and its BatchNorm layers normalise with
+the global batch's statistics (:mod:`gradshield.distributed.batchnorm`, differentiable twice for
+the exact IGR/FGR penalties). So N ranks compute, to float rounding, the steps of one process on
+the global batch. Metrics are summed over ranks; rank 0 alone reads and writes the run folder
+(checkpoint written atomically, then every rank waits for it), so a kill of any rank followed
+by the same command resumes from the last finished epoch, as in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import time
@@ -17,12 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from gradshield import distributed
 from gradshield.checkpoint import read_checkpoint, save_checkpoint
 from gradshield.data import ImageData, iterate_batches
 from gradshield.defenses.recipes import Recipe, StandardRecipe
 from gradshield.errors import GradshieldError
-from gradshield.metrics import accuracy
-from gradshield.utils import derived_generator
+from gradshield.metrics import accuracy, predict
+from gradshield.utils import ShardGenerator, derived_generator, derived_seed
 from gradshield.validation import check_labels
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -35,6 +49,8 @@ SCHEDULES = ("linear", "step")
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings. ``lr`` is the peak learning rate (per batch of ``batch_size``).
+``batch_size`` is the global batch: in a data-parallel run each of N ranks takes
+``batch_size / N`` of it (``lr`` is not rescaled).
 
     ``schedule``: "linear" (warm-up over ``warmup_epochs``, then linear decay to 0; gradshield's
     default) or "step" (``lr`` multiplied by ``gamma`` at each epoch in ``milestones``, after the
@@ -160,6 +176,59 @@ def _check_data_fits_model(model: nn.Module, data: ImageData, what: str) -> None
             "input_size set")
 
 
+def _epoch_generator(config: TrainConfig, epoch: int, context: distributed.Context) -> torch.Generator:
+    """The epoch's generator: one process's, or this rank's rows of every global batch."""
+    if not context.distributed:
+        return derived_generator(config.seed, epoch)
+    share = config.batch_size // context.world_size
+    return ShardGenerator(derived_seed(config.seed, epoch), context.rank * share,
+                          (context.rank + 1) * share, config.batch_size)
+
+
+def _test_accuracy(model: nn.Module, data: ImageData, device: torch.device,
+                   memory_format: torch.memory_format, context: distributed.Context) -> float:
+    """Clean accuracy on ``data``; in a data-parallel run each rank predicts a contiguous share and
+    the correct counts are summed."""
+    x, y = data.as_float()
+    if not context.distributed:
+        return accuracy(model, x.to(device, memory_format=memory_format), y.to(device))
+    share = torch.tensor_split(torch.arange(len(data)), context.world_size)[context.rank]
+    x, y = x[share], y[share]
+    correct = int((predict(model, x.to(device, memory_format=memory_format)).cpu() == y).sum()) \
+        if len(share) else 0
+    (total,) = distributed.all_sum([correct], context)
+    return total / len(data)
+
+
+def _no_buffer_broadcast() -> dict:
+    """DDP's option not to broadcast rank 0's buffers before each forward pass (the BatchNorm
+    statistics agree on every rank by construction): ``forward_sync_buffers`` since torch 2.14,
+    ``broadcast_buffers`` before."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _resume_state(ckpt_path: Path, metrics_path: Path, fingerprint: dict, resume: bool,
+                  run_dir: Path) -> tuple[dict | None, list[dict]]:
+    """(checkpoint dict to resume from or None, metrics history up to it); runs on rank 0."""
+    if resume and ckpt_path.is_file():
+        blob = read_checkpoint(ckpt_path)
+        if blob.get("fingerprint") != fingerprint:
+            raise GradshieldError(
+                f"{run_dir} holds a run with different settings; pass another output directory "
+                "or --no-resume to start over (the old checkpoint will be overwritten)")
+        history = _read_metrics(metrics_path, blob["epoch"])
+        if history:  # drop lines written after the checkpoint we resume from
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        return blob, history
+    if metrics_path.exists():
+        metrics_path.unlink()
+    return None, []
+
+
 def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
           config: TrainConfig, run_dir: str | os.PathLike, *, recipe: Recipe | None = None,
           resume: bool = True, progress: bool = True, extra_metadata: dict | None = None,
@@ -172,35 +241,36 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     """
     config.validate()
     recipe = recipe or StandardRecipe()
+    context = distributed.current()
+    if config.batch_size % context.world_size:
+        raise GradshieldError(
+            f"the batch size {config.batch_size} is the global batch and must be a multiple of the "
+            f"{context.world_size} processes; pass --batch-size {context.world_size} x (images "
+            "per process)")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if context.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / CHECKPOINT_NAME, run_dir / METRICS_NAME
     device = next(model.parameters()).device
     fingerprint = config_fingerprint(model, config, recipe, len(train_data))
     _check_data_fits_model(model, train_data, "training")
     if test_data is not None:
         _check_data_fits_model(model, test_data, "test")
+    distributed.check_same(fingerprint, "the training settings, data size and model", context)
 
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
-    start_epoch, history, elapsed = 0, [], 0.0
-    if resume and ckpt_path.is_file():
-        blob = read_checkpoint(ckpt_path)
-        if blob.get("fingerprint") != fingerprint:
-            raise GradshieldError(
-                f"{run_dir} holds a run with different settings; pass another output directory "
-                "or --no-resume to start over (the old checkpoint will be overwritten)")
+    start_epoch, elapsed = 0, 0.0
+    blob, history = distributed.on_main(
+        lambda: _resume_state(ckpt_path, metrics_path, fingerprint, resume, run_dir), context)
+    if blob is not None:
         model.load_state_dict(blob["model_state"])
         optimizer.load_state_dict(blob["optimizer_state"])
         torch.set_rng_state(blob["rng_state"])
         start_epoch, elapsed = blob["epoch"] + 1, blob["elapsed_s"]
-        history = _read_metrics(metrics_path, blob["epoch"])
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    if history:  # drop lines written after the checkpoint we resume from
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    del blob
 
     steps_per_epoch = max(1, len(train_data) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -208,64 +278,75 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     if config.schedule == "linear":
         warmup_steps = max(1, warmup_steps)
     bf16 = use_bf16(config, device)
+    progress = progress and context.main
     steps_done = 0
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        generator = derived_generator(config.seed, epoch)
-        model.train()
-        loss_sum, seen = 0.0, 0
-        batches = iterate_batches(train_data, config.batch_size, shuffle=True,
-                                  generator=generator, augment=config.augment, drop_last=True)
-        bar = tqdm(batches, total=steps_per_epoch, disable=not progress, leave=False, mininterval=2,
-                   desc=f"epoch {epoch + 1}/{config.epochs}")
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps,
-                                            schedule=config.schedule,
-                                            steps_per_epoch=steps_per_epoch,
-                                            milestones=config.milestones, gamma=config.gamma)
-            x = x.to(device, memory_format=memory_format)
-            y = y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = recipe(model, x, y, generator)
-            if not torch.isfinite(loss):
-                raise GradshieldError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
-                    "lower the learning rate (--lr) or the defense's weight")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * y.shape[0]
-            seen += y.shape[0]
-            steps_done += 1
-            if stop_after_steps is not None and steps_done >= stop_after_steps:
-                return history
-        elapsed += time.perf_counter() - t0
-        row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen),
-               "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
-        if test_data is not None:
-            t1 = time.perf_counter()
-            x_test, y_test = test_data.as_float()
-            row["test_acc"] = accuracy(model, x_test.to(device, memory_format=memory_format),
-                                       y_test.to(device))
-            elapsed += time.perf_counter() - t1
-            row["elapsed_s"] = round(elapsed, 2)
-        history.append(row)
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        save_checkpoint(ckpt_path, {
-            "model_config": fingerprint["model"], "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
-            "epoch": epoch, "elapsed_s": elapsed, "fingerprint": fingerprint,
-            "classes": list(train_data.classes), "image_shape": list(train_data.image_shape),
-            "metrics": history,
-            "train_config": asdict(config), "recipe": recipe.describe(),
-            **(extra_metadata or {}),
-        })
-        if progress:
-            shown = f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f}"
-                       f"{shown} ({elapsed:.0f} s)")
+    with contextlib.ExitStack() as stack:
+        net = model
+        if context.distributed:  # BatchNorm over the global batch, gradients averaged by DDP
+            from torch.nn.parallel import DistributedDataParallel
+
+            stack.enter_context(distributed.global_batchnorm(model))
+            net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                          **_no_buffer_broadcast())
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            generator = _epoch_generator(config, epoch, context)
+            model.train()
+            loss_sum, seen = 0.0, 0
+            batches = iterate_batches(train_data, config.batch_size, shuffle=True,
+                                      generator=generator, augment=config.augment, drop_last=True)
+            bar = tqdm(batches, total=steps_per_epoch, disable=not progress, leave=False,
+                       mininterval=2, desc=f"epoch {epoch + 1}/{config.epochs}")
+            for i, (x, y) in enumerate(bar):
+                step = epoch * steps_per_epoch + i
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps,
+                                                schedule=config.schedule,
+                                                steps_per_epoch=steps_per_epoch,
+                                                milestones=config.milestones, gamma=config.gamma)
+                x = x.to(device, memory_format=memory_format)
+                y = y.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = recipe(net, x, y, generator)
+                if not torch.isfinite(loss):
+                    raise GradshieldError(
+                        f"training loss became {loss.item()} at epoch {epoch + 1}, step {i}; "
+                        "lower the learning rate (--lr) or the defense's weight")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * y.shape[0]
+                seen += y.shape[0]
+                steps_done += 1
+                if stop_after_steps is not None and steps_done >= stop_after_steps:
+                    return history
+            loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
+            elapsed += time.perf_counter() - t0
+            row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen),
+                   "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+            if test_data is not None:
+                t1 = time.perf_counter()
+                row["test_acc"] = _test_accuracy(model, test_data, device, memory_format, context)
+                elapsed += time.perf_counter() - t1
+                row["elapsed_s"] = round(elapsed, 2)
+            history.append(row)
+            if context.main:
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                save_checkpoint(ckpt_path, {
+                    "model_config": fingerprint["model"], "model_state": model.state_dict(),
+                    "optimizer_state": optimizer.state_dict(), "rng_state": torch.get_rng_state(),
+                    "epoch": epoch, "elapsed_s": elapsed, "fingerprint": fingerprint,
+                    "classes": list(train_data.classes), "image_shape": list(train_data.image_shape),
+                    "metrics": history, "world_size": context.world_size,
+                    "train_config": asdict(config), "recipe": recipe.describe(),
+                    **(extra_metadata or {}),
+                })
+            distributed.barrier(context)  # every rank sees the finished epoch's checkpoint
+            if progress:
+                shown = f" test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
+                tqdm.write(f"epoch {epoch + 1}/{config.epochs} loss {row['train_loss']:.4f}"
+                           f"{shown} ({elapsed:.0f} s)")
+        del net  # DDP's gradient hooks go with it
     model.eval()
     return history

@@ -28,6 +28,7 @@ from gradshield.errors import GradshieldError
 from gradshield.paths import cache_dir as default_cache_dir
 from gradshield.paths import data_dir as default_data_dir
 from gradshield.safe_load import UnsafeFileError, load_torch_file
+from gradshield.utils import draw_rows
 
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -292,16 +293,18 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, paddin
     """Random crop after zero padding by ``padding`` pixels, and random horizontal flip, per image.
 
     One gather over the padded batch (N, C, H, W), any dtype: the crop offsets and the flip are
-    folded into a single index, so the batch is read once.
+    folded into a single index, so the batch is read once. With a
+    :class:`~gradshield.utils.ShardGenerator` the images are a rank's rows of the global batch and
+    get the offsets and flips one process would give them.
     """
     n, c, h, w = images.shape
     hp, wp = h + 2 * padding, w + 2 * padding
     padded = torch.nn.functional.pad(images, (padding,) * 4) if padding > 0 else images
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dy = draw_rows(lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=generator), n, generator)
+    dx = draw_rows(lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=generator), n, generator)
     cols = torch.arange(w).expand(n, w)
     if flip:
-        flipped = torch.rand(n, generator=generator) < 0.5
+        flipped = draw_rows(lambda k: torch.rand(k, generator=generator), n, generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     index = (dy[:, None, None] + torch.arange(h)[None, :, None]) * wp + (dx[:, None] + cols)[:, None, :]
     flat = padded.reshape(n, c, hp * wp)
@@ -315,16 +318,25 @@ def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False,
     """Yield (float32 images in [0, 1], labels) batches; augmentation happens on whole batches.
 
     ``start_batch`` skips that many batches after drawing the same random order (for resuming).
+    With a :class:`~gradshield.utils.ShardGenerator` (rows ``start:stop`` of ``total`` =
+    ``batch_size``; ``drop_last``), each batch is that rank's rows of the batch one process would
+    draw, augmented as one process would augment them.
     """
     if batch_size < 1:
         raise GradshieldError(f"batch_size must be >= 1, got {batch_size}")
     if (shuffle or augment) and generator is None:
         raise GradshieldError("shuffle/augment need a torch.Generator for reproducibility")
+    rows = getattr(generator, "rows", None)
+    if rows is not None and (rows[2] != batch_size or not drop_last):
+        raise GradshieldError(f"a generator for rows {rows[0]}:{rows[1]} of batches of {rows[2]} "
+                              f"needs batch_size={rows[2]} (got {batch_size}) and drop_last")
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - n % batch_size if drop_last else n
     for i, begin in enumerate(range(0, stop, batch_size)):
         index = order[begin:begin + batch_size]
+        if rows is not None:
+            index = index[rows[0]:rows[1]]
         images = data.images[index]
         if augment:
             images = random_crop_flip(images, generator)

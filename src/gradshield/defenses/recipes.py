@@ -82,6 +82,17 @@ def _check_attack_settings(steps: int, attack_mode: str) -> None:
         raise GradshieldError(f"attack_mode must be one of {ATTACK_MODES}, got {attack_mode!r}")
 
 
+def _global_sum(generator: torch.Generator | None):
+    """For a rank's share of a data-parallel batch (a generator that serves rows of the global
+    batch, :class:`~gradshield.utils.ShardGenerator`): a function summing a tensor over the
+    ranks; else None (the batch is whole)."""
+    if getattr(generator, "rows", None) is None:
+        return None
+    from gradshield.distributed import sum_over_ranks
+
+    return sum_over_ranks
+
+
 def _flow_pixels(value: float, unit: str, x: torch.Tensor) -> float:
     """A flow length in ``unit`` as pixels for images ``x`` (normalised units need H == W)."""
     if unit == "pixels":
@@ -204,6 +215,7 @@ class IGRRecipe:
 
     def __call__(self, model, x, y, generator):
         return igr_penalty(model, x, y, method=self.method, fd_step=self.fd_step,
+                           global_sum=_global_sum(generator),
                            norm=self.norm).total(self.lam)
 
     def describe(self) -> dict:
@@ -247,7 +259,7 @@ class FGRRecipe:
     def __call__(self, model, x, y, generator):
         x = flow_random_start(x, self.sigma, generator, unit=self.unit)
         return fgr_penalty(model, x, y, unit=self.unit, method=self.method,
-                           fd_step=self.fd_step).total(self.lam)
+                           fd_step=self.fd_step, global_sum=_global_sum(generator)).total(self.lam)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -316,7 +328,7 @@ class FGRADTRecipe(ADTRecipe):
     def __call__(self, model, x, y, generator):
         x_adv = self.adversarial(model, x, y, generator)
         return fgr_penalty(model, x_adv, y, unit=self.unit, method=self.method,
-                           fd_step=self.fd_step).total(self.lam)
+                           fd_step=self.fd_step, global_sum=_global_sum(generator)).total(self.lam)
 
 
 RECIPES: dict[str, Callable[..., Recipe]] = {

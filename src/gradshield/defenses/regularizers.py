@@ -54,7 +54,7 @@ Relation to the paper's public code (xpf/Flow-Gradient-Regularization): it penal
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +64,7 @@ from torch.nn import functional as F
 from gradshield.defenses.second_order import enabled as second_order_enabled
 from gradshield.defenses.second_order import second_order_kernels
 from gradshield.errors import GradshieldError
+from gradshield.utils import draw_rows
 from gradshield.warp import (
     flow_gradient_adjoint,
     flow_gradient_closed_form,
@@ -72,6 +73,8 @@ from gradshield.warp import (
 )
 
 FLOW_UNITS = ("normalized", "pixels")
+#: Sums a tensor over the ranks of a data-parallel run (see ``global_sum`` of the penalties).
+GlobalSum = Callable[[torch.Tensor], torch.Tensor]
 PAPER_BATCH_SIZE = 128
 
 
@@ -205,20 +208,27 @@ def _batchnorm_statistics_frozen(model: nn.Module) -> Iterator[None]:
 
 def _finite_difference_penalty(model: nn.Module, x: torch.Tensor, losses: torch.Tensor,
                                y: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor,
-                               fd_step: float) -> torch.Tensor:
+                               fd_step: float, global_sum: GlobalSum | None = None) -> torch.Tensor:
     """The penalty ``mean_i ||grad_i||^2`` as a tensor whose value is exact and whose parameter
     gradient is the one-sided finite difference of ``2/N d/dh dL(x + h U)/dtheta``.
 
     ``losses``: the per-example losses at ``x`` (graph kept); ``grad``: the penalised gradient
     (detached); ``direction``: ``U = A^T A g`` in input space (detached, like ``x``). The whole
     batch moves along ``U`` with ``h`` such that the step's RMS L2 length per example is
-    ``fd_step`` (one step for the batch keeps the cross-example BatchNorm terms exact)."""
+    ``fd_step`` (one step for the batch keeps the cross-example BatchNorm terms exact).
+    ``global_sum``: ``x`` is one rank's share of a data-parallel batch; the step is set by the
+    whole batch (its example count and the norm of its ``U``), as one process would set it."""
     n = x.shape[0]
     value = _squared_norm_mean(grad.detach())
-    total = float(_at_least_float32(direction).norm())
+    if global_sum is None:
+        total, examples = float(_at_least_float32(direction).norm()), n
+    else:
+        squared = _at_least_float32(direction.detach()).double().pow(2).sum()
+        squared, examples = global_sum(torch.stack([squared, squared.new_tensor(float(n))]))
+        total, examples = float(squared.sqrt()), round(float(examples))
     if total == 0.0 or total != total or total == float("inf"):  # no gradient to penalise
         return value + 0.0 * losses.sum()
-    h = fd_step * n**0.5 / total
+    h = fd_step * examples**0.5 / total
     with _batchnorm_statistics_frozen(model):
         moved = _per_example_losses(model, (x.detach() + h * direction).detach(), y)
     surrogate = (moved.sum() - losses.sum()) * (2.0 / (n * h))
@@ -229,11 +239,12 @@ IGR_NORMS = ("squared", "l2")
 
 
 def igr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "exact",
-                fd_step: float = DEFAULT_FD_STEP, norm: str = "squared") -> PenalizedLoss:
+                fd_step: float = DEFAULT_FD_STEP, norm: str = "squared",
+                global_sum: GlobalSum | None = None) -> PenalizedLoss:
     """Cross-entropy and the IGR penalty ``mean_i ||d l_i / d x_i||_2^2`` ([0, 1] pixel scale);
     ``norm="l2"``: the non-squared ``mean_i ||d l_i / d x_i||_2`` (the FGR paper's Eq. 5, exact
     method only). ``method``: "exact" (double backpropagation) or "finite_difference" (see the
-    module doc)."""
+    module doc). ``global_sum``: see :func:`fgr_penalty`."""
     check_penalty_method(method, fd_step)
     if norm not in IGR_NORMS:
         raise GradshieldError(f"IGR norm must be one of {IGR_NORMS}, got {norm!r}")
@@ -246,15 +257,19 @@ def igr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: s
             return PenalizedLoss(losses.mean(), (sq + 1e-24).sqrt().mean())
         return PenalizedLoss(losses.mean(), _squared_norm_mean(grad))
     losses, grad = input_gradient(model, x, y, retain_graph=True)
-    penalty = _finite_difference_penalty(model, x, losses, y, grad, grad, fd_step)
+    penalty = _finite_difference_penalty(model, x, losses, y, grad, grad, fd_step, global_sum)
     return PenalizedLoss(losses.mean(), penalty)
 
 
 def fgr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: str = "normalized",
-                method: str = "exact", fd_step: float = DEFAULT_FD_STEP) -> PenalizedLoss:
+                method: str = "exact", fd_step: float = DEFAULT_FD_STEP,
+                global_sum: GlobalSum | None = None) -> PenalizedLoss:
     """Cross-entropy and the FGR penalty ``mean_i ||d l_i / d v_i at v = 0||_2^2`` with the flow
     in ``unit`` ("normalized": grid_sample units, align_corners=True, as the paper; or "pixels").
-    ``method``: "exact" (double backpropagation) or "finite_difference" (see the module doc)."""
+    ``method``: "exact" (double backpropagation) or "finite_difference" (see the module doc).
+    ``global_sum``: when ``x`` is one rank's share of a data-parallel batch, a function summing a
+    tensor over the ranks (the finite-difference step is then that of the whole batch; the
+    exact method needs none: BatchNorm over the global batch couples the shares)."""
     check_penalty_method(method, fd_step)
     if method == "exact":
         losses, grad = flow_gradient(model, x, y, unit=unit, create_graph=True)
@@ -262,7 +277,8 @@ def fgr_penalty(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, unit: str
     losses, flow_grad = flow_gradient(model, x, y, unit=unit, retain_graph=True)  # S A g, in unit
     scale = _pixel_to_unit_scale(*x.shape[-2:], unit, flow_grad)
     direction = flow_gradient_adjoint(x.detach(), flow_grad * scale)  # A^T S^2 A g, input space
-    penalty = _finite_difference_penalty(model, x, losses, y, flow_grad, direction, fd_step)
+    penalty = _finite_difference_penalty(model, x, losses, y, flow_grad, direction, fd_step,
+                                         global_sum)
     return PenalizedLoss(losses.mean(), penalty)
 
 
@@ -278,7 +294,8 @@ def flow_random_start(x: torch.Tensor, sigma: float, generator: torch.Generator 
     if sigma == 0:
         return x.detach()
     n, _, h, w = x.shape
-    noise = torch.randn(n, 2, h, w, generator=generator, dtype=torch.float32)
+    noise = draw_rows(lambda k: torch.randn(k, 2, h, w, generator=generator, dtype=torch.float32), n,
+                      generator)  # a rank's rows of the global batch's flows with a ShardGenerator
     noise = noise.to(device=x.device, dtype=x.dtype)
     if unit == "normalized":
         scale = torch.tensor([normalized_to_pixels(sigma, w), normalized_to_pixels(sigma, h)],

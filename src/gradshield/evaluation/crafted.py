@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import urllib.parse
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,17 @@ def _unpack(blob: bytes) -> torch.Tensor:
 
 
 class CraftedStore:
-    """The adversarials of transfer entries, by key, in one SQLite file (created on first use)."""
+    """The adversarials of transfer entries, by key, in one SQLite file (created on first use).
+    ``readonly``: only :meth:`get` (the file is never written, nor created)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
 
     def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
+            return sqlite3.connect(uri, uri=True, timeout=60)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=60)
         conn.execute(SCHEMA)

@@ -8,6 +8,12 @@ The work folder (``--work-dir``, default ``<cache>/experiments/<name>``) holds::
     runs/<run key>.db              one results file per (model, suite, through, examples, mode)
     crafted.db                     transfer adversarials, reused across target models
     analyses.db                    the analyses' stored outputs
+
+Under torchrun (:mod:`gradshield.distributed`) every rank runs this same sequence: models are
+trained data-parallel, each run's examples are sharded across the ranks
+(:mod:`gradshield.evaluation.distributed`), and rank 0 alone writes the work folder's own files
+and computes the analyses while the others wait. The work folder must be on a filesystem every
+rank sees.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gradshield import distributed
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.experiment import Experiment, ModelSpec, RunSpec, budget
 from gradshield.evaluation.suites import Suite
@@ -183,8 +190,9 @@ def _recipe(spec: dict, where: str):
 
 
 def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, data: ExperimentData,
-                *, progress: bool = False) -> Path:
-    """Train (or resume, or find finished) a model of the experiment; returns its checkpoint."""
+                *, progress: bool = False, device: torch.device | None = None) -> Path:
+    """Train (or resume, or find finished) a model of the experiment on ``device`` (default: the
+    CPU); returns its checkpoint."""
     from gradshield.models import create_model
     from gradshield.training import CHECKPOINT_NAME, train
 
@@ -197,7 +205,7 @@ def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, d
     torch.manual_seed(config.seed)
     model = create_model(spec.train["model"], num_classes=len(data.classes),
                          width=float(spec.train.get("width", 1.0)),
-                         input_size=tuple(train_data.image_shape[1:]))
+                         input_size=tuple(train_data.image_shape[1:])).to(device or "cpu")
     if ckpt.is_file():  # finished already? (train() itself refuses a checkpoint of other settings)
         from gradshield.checkpoint import read_checkpoint
         from gradshield.training import config_fingerprint
@@ -210,8 +218,9 @@ def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, d
         if blob.get("epoch", -1) + 1 >= config.epochs:
             return ckpt
     test_data = data.test if spec.train.get("eval_test", False) else None
-    print(f"[{experiment.name}] training {spec.name}: {recipe.describe()}", file=sys.stderr,
-          flush=True)
+    if distributed.current().main:
+        print(f"[{experiment.name}] training {spec.name}: {recipe.describe()}", file=sys.stderr,
+              flush=True)
     train(model, train_data, test_data, config, run_dir, recipe=recipe, progress=progress,
           extra_metadata={"experiment": experiment.name, "model_name": spec.name,
                           "dataset": experiment.data.get("dataset"),
@@ -278,7 +287,8 @@ class Models:
             size = {"input_size": spec.input_size} if spec.input_size else {}
             return create_model(spec.model, num_classes=classes, weights=self.weights(spec), **size)
         if spec.train is not None:
-            train_model(spec, self.experiment, self.workspace, self.data, progress=self.progress)
+            train_model(spec, self.experiment, self.workspace, self.data, progress=self.progress,
+                        device=self.device)
         model, _ = load_model(self.checkpoint(spec.name))
         shape = None if self.data.images is None else tuple(self.data.images.shape[1:])
         model.data_identity.check(self.data.classes, shape, model=f"model {spec.name!r}",
@@ -330,32 +340,38 @@ def run_experiment(experiment: Experiment, workspace: Workspace, *, data_dir=Non
     relative ``weights = "..."`` paths of models by name are. Returns {run key: summary}."""
     from gradshield.evaluation.analyses import execute_analysis
 
+    context = distributed.current()
     data = experiment_data(experiment, data_dir, cache_dir)
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise GradshieldError("--device cuda but torch sees no CUDA GPU; use --device cpu")
-    models = Models(experiment, workspace, data, device=torch_device, progress=progress == "bar",
-                    weights_dir=weights_dir)
+    torch_device = distributed.local_device(device, context)
+    models = Models(experiment, workspace, data, device=torch_device,
+                    progress=progress == "bar" and context.main, weights_dir=weights_dir)
     wanted = set(experiment.expand(only, "--only")) if only else None
     summaries = {}
-    workspace.root.mkdir(parents=True, exist_ok=True)
-    (workspace.root / "experiment.toml").write_text(experiment.source)
-    (workspace.root / "data.json").write_text(json.dumps({**data.info, "classes": list(data.classes)}))
+    if context.main:
+        workspace.root.mkdir(parents=True, exist_ok=True)
+        (workspace.root / "experiment.toml").write_text(experiment.source)
+        (workspace.root / "data.json").write_text(json.dumps({**data.info,
+                                                              "classes": list(data.classes)}))
+    distributed.check_shared_folder(workspace.root, context, "the experiment's work folder")
     for name, spec in experiment.models.items():
         if spec.train is not None and (wanted is None or name in wanted):
-            train_model(spec, experiment, workspace, data, progress=progress == "bar")
+            train_model(spec, experiment, workspace, data, progress=progress == "bar" and context.main,
+                        device=torch_device)
     for run in experiment.runs:
         if wanted is not None and run.model not in wanted:
             continue
-        print(f"[{experiment.name}] {run.key}", file=sys.stderr, flush=True)
+        if context.main:
+            print(f"[{experiment.name}] {run.key}", file=sys.stderr, flush=True)
         summaries[run.key] = execute_run(run, experiment, workspace, data, models,
                                          progress=progress, command=command)
     for entry in experiment.analyses:
         names = experiment.expand(entry.get("models", []), "analysis")
         if wanted is not None and not set(names) & wanted:
             continue
-        print(f"[{experiment.name}] analysis {entry['id']}", file=sys.stderr, flush=True)
-        execute_analysis(entry, experiment, workspace, data, models)
+        if context.main:  # one process computes and stores the analyses
+            print(f"[{experiment.name}] analysis {entry['id']}", file=sys.stderr, flush=True)
+            execute_analysis(entry, experiment, workspace, data, models)
+    distributed.barrier(context)
     return summaries
 
 

@@ -16,6 +16,11 @@ uninterrupted one.
 Data: tensors held in memory, or any :class:`gradshield.data.Examples` (e.g. ImageNet streamed
 from its files): the runner reads images only batch by batch, in the order it will use them, so
 a streamed source decodes ahead while the attacks run.
+
+Several processes (started by torchrun): the batches are dealt to the ranks, each rank writes its
+own shard file as it goes, and rank 0 merges the shards into the one results file at the end,
+then adds the figure and diagnostics (:mod:`gradshield.evaluation.distributed`); the per-example
+outcomes are those of one process.
 """
 
 from __future__ import annotations
@@ -37,13 +42,13 @@ from gradshield.attacks.base import AttackResult, is_adversarial
 from gradshield.data.examples import Examples, TensorExamples, as_examples, take
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.crafted import Crafted, CraftedStore, crafted_key
+from gradshield.evaluation.distributed import plan_results
 from gradshield.evaluation.store import (
     CLEAN,
     FORMAT,
     MODES,
     SCHEMA_VERSION,
     array_blob,
-    create_or_resume,
     model_fingerprint,
     success_matrix,
     tensor_digest,
@@ -224,19 +229,24 @@ def run_suite(model: nn.Module, images: torch.Tensor | Examples, labels: torch.T
                                              **{k: model_fingerprint(m) for k, m in named.items()}}
     targets = [attack_target(s, model, named.get(s.surrogate, surrogate))  # fail early, before any work
                for s in specs]
-    conn, _resumed = create_or_resume(db_path, identity, meta, specs, image_shape)
-    store = CraftedStore(crafted) if crafted is not None else None
+    starts = list(range(0, n, batch_size))
+    # the results file (one process) or this rank's shard of it, and the batches this process runs
+    plan = plan_results(db_path, identity, meta, specs, image_shape, len(starts),
+                        samples_per_attack=samples_per_attack, crafted=crafted)
+    conn, store = plan.conn, plan.crafted
     fingerprints = {id(m): model_fingerprint(m) for m in {id(t.surrogate): t.surrogate
                                                           for t in targets if t.surrogate}.values()}
-    starts = list(range(0, n, batch_size))
     done = {(a, b) for a, b in conn.execute("SELECT aid, batch FROM batches")}
-    bar = _Progress(progress, (len(specs) + 1) * len(starts), len(done), suite.name)
-    plan = [(start, min(start + batch_size, n)) for a in [CLEAN, *range(len(specs))]
-            for b, start in enumerate(starts) if (a, b) not in done]
-    batches = data.batches(plan)  # every batch still to do, in the order the loops below use them
+    mine = set(plan.batches)
+    bar = _Progress(progress if plan.writes_results else "none", (len(specs) + 1) * len(mine),
+                    sum(b in mine for _, b in done), suite.name)
+    todo = [(starts[b], min(starts[b] + batch_size, n)) for a in [CLEAN, *range(len(specs))]
+            for b in plan.batches if (a, b) not in done]
+    batches = data.batches(todo)  # every batch still to do, in the order the loops below use them
     try:
         with eval_mode(model):
-            for b, start in enumerate(starts):  # the clean pass
+            for b in plan.batches:  # the clean pass
+                start = starts[b]
                 if (CLEAN, b) in done:
                     continue
                 x_batch = next(batches)
@@ -254,26 +264,32 @@ def run_suite(model: nn.Module, images: torch.Tensor | Examples, labels: torch.T
             for idx, ok in conn.execute("SELECT idx, clean_correct FROM examples"):
                 correct[idx] = bool(ok)
             for a, (spec, target) in enumerate(zip(specs, targets, strict=True)):
-                for b, start in enumerate(starts):
+                for b in plan.batches:
                     if (a, b) in done:
                         continue
-                    _attack_batch(conn, a, b, spec, target, next(batches), labels, correct, start,
-                                  min(start + batch_size, n), mode, seed, image_shape, device,
-                                  samples_per_attack, store, fingerprints)
+                    _attack_batch(conn, a, b, spec, target, next(batches), labels, correct,
+                                  starts[b], min(starts[b] + batch_size, n), mode, seed,
+                                  image_shape, device, samples_per_attack, store, fingerprints)
                     bar.update(spec.id, b)
-        if gradient_figure:
-            _store_gradient_figure(conn, model, base, data, classes)
-        if diagnose:
-            _store_diagnostics(conn, model, data, correct, specs, mode, seed, device)
-        with conn:
-            conn.execute("REPLACE INTO meta VALUES ('status', ?)", (json.dumps("complete"),))
-            conn.execute("REPLACE INTO meta VALUES ('finished', ?)", (json.dumps(time.time()),))
-            notes = {s.id: t.note for s, t in zip(specs, targets, strict=True) if t.note}
-            conn.execute("REPLACE INTO meta VALUES ('attack_notes', ?)", (json.dumps(notes),))
+        conn = plan.finish()  # a launch's shards merged into the results file, on rank 0
+        if conn is not None:  # this process finishes the results file (one process, or rank 0)
+            correct = torch.zeros(n, dtype=torch.bool)
+            for idx, ok in conn.execute("SELECT idx, clean_correct FROM examples"):
+                correct[idx] = bool(ok)
+            if gradient_figure:
+                _store_gradient_figure(conn, model, base, data, classes)
+            if diagnose:
+                _store_diagnostics(conn, model, data, correct, specs, mode, seed, device)
+            with conn:
+                conn.execute("REPLACE INTO meta VALUES ('status', ?)", (json.dumps("complete"),))
+                conn.execute("REPLACE INTO meta VALUES ('finished', ?)", (json.dumps(time.time()),))
+                notes = {s.id: t.note for s, t in zip(specs, targets, strict=True) if t.note}
+                conn.execute("REPLACE INTO meta VALUES ('attack_notes', ?)", (json.dumps(notes),))
     finally:
         batches.close()  # a streamed source's decoding processes end here
         bar.close()
-        conn.close()
+        plan.close()
+    plan.wait()  # the other ranks return once rank 0 has completed the results file
     return summarize(db_path)
 
 
