@@ -47,7 +47,7 @@ random_start = true
 [[attack]]
 attack = "square"
 eps = "8/255"
-queries = 30
+max_queries = 30
 [[attack]]
 attack = "pgd"
 eps = "4/255"
