@@ -1,6 +1,8 @@
 """Shared fixtures: the bundled CIFAR-10 and a small real model trained on it (cached).
 
-The data directory is $GRADSHIELD_DATA, else ../shared/datasets beside the repository.
+The data directory is $GRADSHIELD_DATA, else ../shared/datasets beside the repository. Both it and
+$GRADSHIELD_CACHE are exported as absolute paths when this file is imported, so the subprocesses
+that tests start (often with another working directory) find the same folders.
 The trained model is cached in the gradshield cache directory, keyed by the source of the code
 that produced it, so a change to training or the model retrains it (~30 s on 2 cores).
 """
@@ -15,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradshield import paths
 from gradshield.checkpoint import load_model
 from gradshield.data import ARCHIVE_NAME, load_dataset
 from gradshield.models import create_model
-from gradshield.paths import cache_dir
 from gradshield.training import CHECKPOINT_NAME, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,19 @@ FIXTURE_EPOCHS = 4
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("GRADSHIELD_DATA") or REPO.parent / "shared" / "datasets")
+    """The data folder as an absolute path."""
+    if os.environ.get(paths.DATA_ENV):
+        return paths.data_dir()
+    return REPO.parent / "shared" / "datasets"
+
+
+def _export_absolute_paths() -> None:
+    os.environ[paths.DATA_ENV] = str(data_dir())
+    if os.environ.get(paths.CACHE_ENV):
+        os.environ[paths.CACHE_ENV] = str(paths.cache_dir())
+
+
+_export_absolute_paths()
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +70,7 @@ def _fixture_key() -> str:
 
 @pytest.fixture(scope="session")
 def _trained_compact(cifar):
-    run_dir = cache_dir() / "test-fixtures" / f"compact-{_fixture_key()}"
+    run_dir = paths.cache_dir() / "test-fixtures" / f"compact-{_fixture_key()}"
     if not (run_dir / CHECKPOINT_NAME).is_file():
         torch.manual_seed(0)
         model = create_model("compact")
