@@ -23,7 +23,7 @@ import torch
 
 from gradshield import paths
 from gradshield.checkpoint import load_model, read_checkpoint
-from gradshield.data import ARCHIVE_NAME, load_dataset
+from gradshield.data import ARCHIVE_NAME, ImageData, load_dataset
 from gradshield.errors import GradshieldError
 from gradshield.models import create_model
 from gradshield.training import CHECKPOINT_NAME, TrainConfig, train
@@ -73,6 +73,20 @@ def pytest_report_header(config):
     return f"fixture model precision: {AMP_ENV}={fixture_amp()}; data: {data_dir()}"
 
 
+def class_balanced(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
+    """``per_class`` random images of every class, in blocks of one image per class (in random
+    order within a block): any prefix, and any evenly spaced selection, is near class-balanced."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in range(data.num_classes):
+        index = (data.labels == label).nonzero().flatten()
+        picks.append(index[torch.randperm(len(index), generator=gen)[:per_class]])
+    picks = torch.stack(picks, 1)  # (per_class, classes)
+    order = torch.stack([torch.randperm(data.num_classes, generator=gen) for _ in range(per_class)])
+    index = picks.gather(1, order).flatten()
+    return ImageData(data.images[index], data.labels[index], data.classes)
+
+
 @pytest.fixture(scope="session")
 def cifar():
     """(train, test) ImageData of the bundled CIFAR-10 archive."""
@@ -84,8 +98,9 @@ def cifar():
 
 @pytest.fixture(scope="session")
 def test_batch(cifar):
-    """512 real CIFAR-10 test images (float32 in [0, 1]) and labels, a fixed seeded subset."""
-    return cifar[1].subset(512, seed=0).as_float()
+    """520 real CIFAR-10 test images (float32 in [0, 1]) and labels: 52 per class, in blocks of
+    ten holding each class once (see :func:`class_balanced`), a fixed seeded selection."""
+    return class_balanced(cifar[1], 52, seed=0).as_float()
 
 
 def _fixture_key(amp: str) -> str:

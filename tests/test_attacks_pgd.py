@@ -36,7 +36,7 @@ class FixedLinear(nn.Module):
 
 
 def spread(batch, n):
-    """``n`` examples spread over the batch (it is sorted by class, so a prefix would be biased)."""
+    """``n`` examples spread evenly over the batch."""
     images, labels = batch
     index = torch.arange(n) * (len(labels) // n)
     return images[index], labels[index]
