@@ -20,7 +20,7 @@ from gradshield.data import ImageData
 from gradshield.errors import GradshieldError
 from gradshield.models import create_model
 from gradshield.training import CHECKPOINT_NAME, METRICS_NAME, TrainConfig, learning_rate, train
-from tests.conftest import class_balanced
+from tests.conftest import class_balanced, data_dir
 
 SMALL = TrainConfig(epochs=3, batch_size=64, lr=0.1, seed=3)
 
@@ -126,20 +126,20 @@ def test_cli_train_survives_sigkill_and_evaluate_needs_only_the_file(tmp_path):
                 "--test-limit", "200", "--epochs", "3", "--batch-size", "128", "--width", "0.5",
                 "--seed", "5", "--quiet", "--out", str(out)]
 
-    env = {**os.environ, "GRADSHIELD_DATA": os.environ.get(
-        "GRADSHIELD_DATA", str(__import__("tests.conftest", fromlist=["x"]).data_dir()))}
+    env = {**os.environ, "GRADSHIELD_DATA": str(data_dir())}
     subprocess.run(command(tmp_path / "ref"), check=True, env=env, capture_output=True)
 
     victim = subprocess.Popen(command(tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "cut" / METRICS_NAME
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the second epoch
-    victim.send_signal(signal.SIGKILL)
+    checkpoint = tmp_path / "cut" / CHECKPOINT_NAME
+    deadline = time.time() + 300
+    while victim.poll() is None and time.time() < deadline and not checkpoint.is_file():
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)  # the first epoch is saved and the second one has begun
     victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    assert victim.returncode == -signal.SIGKILL  # it was still running when killed
+    assert read_checkpoint(checkpoint)["epoch"] == 0  # killed mid-run: one of three epochs saved
+    assert len((tmp_path / "cut" / METRICS_NAME).read_text().splitlines()) == 1
     done = subprocess.run(command(tmp_path / "cut"), check=True, env=env, capture_output=True,
                           text=True)
     assert json.loads(done.stdout.strip().splitlines()[-1])["epochs"] == 3
