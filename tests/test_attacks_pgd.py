@@ -9,6 +9,7 @@ from torch import nn
 from gradshield.attacks import fgsm, flow_pgd, flow_single_step, pgd
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
+from tests.helpers import OneAtATime
 
 
 class LinearBinary(nn.Module):
@@ -110,11 +111,15 @@ def test_success_grows_with_budget_and_steps(trained_model, test_batch):
 
 @pytest.mark.parametrize("norm,eps", [("linf", 2 / 255), ("l2", 0.2), ("l1", 3.0), ("flow", 0.3)])
 def test_batch_size_does_not_change_the_result(trained_model, test_batch, norm, eps):
+    """No example influences another: one batch of 24 and 24 batches of one give the same result.
+    The model runs one example at a time, so its own arithmetic is the same either way (a
+    convolution library picks kernels per batch shape) and any difference is the attack's."""
     x, y = spread(test_batch, 24)
+    model = OneAtATime(trained_model)
     attack = (lambda m, a, b: flow_pgd(m, a, b, eps=eps, steps=4)) if norm == "flow" else \
         (lambda m, a, b: pgd(m, a, b, eps=eps, norm=norm, steps=4))
-    full = attack(trained_model, x, y)
-    singles = [attack(trained_model, x[i:i + 1], y[i:i + 1]) for i in range(len(y))]
+    full = attack(model, x, y)
+    singles = [attack(model, x[i:i + 1], y[i:i + 1]) for i in range(len(y))]
     single_adv = torch.cat([r.adversarial for r in singles])
     assert torch.equal(full.success, torch.cat([r.success for r in singles]))
     torch.testing.assert_close(full.adversarial, single_adv, atol=1e-6, rtol=0)
