@@ -10,7 +10,7 @@ from gradshield.attacks import evolution_strategies, square
 from gradshield.attacks.square import _eta, p_selection
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
-from tests.helpers import OneAtATime
+from tests.helpers import OneAtATime, targeted_linf_margin, targeted_problem
 
 
 def spread(batch, n):
@@ -138,3 +138,22 @@ def test_targeted_square_and_es_hit_the_target(trained_model, test_batch):
         with torch.no_grad():
             hit = trained_model(result.adversarial).argmax(1) == target
         assert torch.equal(hit, result.success) and result.success.any()
+
+
+def test_targeted_square_and_es_reach_every_target_reachable_with_half_the_budget():
+    """On GroupMeans the reachable targets are known in closed form (see test_attacks_pgd):
+    gradient-free attacks hit no unreachable target, and every target reachable with half the
+    budget (margin to spare for a random search)."""
+    eps = 0.1
+    model, x, y, target, margin = targeted_problem(eps=eps)
+    easy = targeted_linf_margin(model, x, target, eps / 2) > 0
+    assert 0.2 < easy.float().mean() < 0.8 and (margin > 0).float().mean() > 0.8
+    for result in (square(model, x, target, eps=eps, targeted=True, labels=y,
+                          generator=torch.Generator().manual_seed(0)),
+                   evolution_strategies(model, x, target, eps=eps, space="additive", steps=20,
+                                        samples=10, targeted=True, labels=y,
+                                        generator=torch.Generator().manual_seed(0))):
+        with torch.no_grad():
+            assert torch.equal(model(result.adversarial).argmax(1) == target, result.success)
+        assert not (result.success & (margin <= 0)).any()
+        assert result.success[easy].all(), int((~result.success[easy]).sum())

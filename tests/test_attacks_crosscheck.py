@@ -128,3 +128,24 @@ def test_square_matches_torchattacks(data, norm, eps):
           f"torchattacks {ta:.2%}")
     assert 0.05 < ours.success_rate < 0.95
     assert abs(ours.success_rate - ta) <= 0.03
+
+
+def _hits(model, adversarial, target) -> torch.Tensor:
+    with torch.no_grad():
+        return model(adversarial).argmax(1) == target
+
+
+def test_targeted_pgd_matches_torchattacks_example_for_example(data):
+    model, x, y = data
+    target = (y + 3) % 10
+    eps, steps = 4 / 255, 10
+    ours = pgd(model, x, target, eps=eps, steps=steps, targeted=True, labels=y)
+    peer = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=False)
+    peer.set_mode_targeted_by_label(quiet=True)
+    theirs = _hits(model, peer(x, target), target)
+    print(f"\ntargeted PGD-linf eps={eps:.4g} {steps} steps: success ours {ours.success_rate:.2%}, "
+          f"torchattacks {theirs.float().mean():.2%}")
+    assert torch.equal(_hits(model, ours.adversarial, target), ours.success)
+    assert 0.05 < ours.success_rate < 0.95
+    assert (ours.success != theirs).float().mean() <= 0.02
+
