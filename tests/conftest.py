@@ -1,8 +1,14 @@
 """Shared fixtures: the bundled CIFAR-10 and a small real model trained on it (cached).
 
-The data directory is $GRADSHIELD_DATA, else ../shared/datasets beside the repository.
-The trained model is cached in the gradshield cache directory, keyed by the source of the code
-that produced it, so a change to training or the model retrains it (~30 s on 2 cores).
+The data directory is $GRADSHIELD_DATA, else ../shared/datasets beside the repository. Both it and
+$GRADSHIELD_CACHE are exported as absolute paths when this file is imported, so the subprocesses
+that tests start (often with another working directory) find the same folders.
+
+The trained model's precision is $GRADSHIELD_TEST_AMP: ``off`` (float32, the default) or ``bf16``
+(bfloat16 autocast). The two give different models, as do different CPUs: no test may depend on
+the exact weights. The model is cached in the gradshield cache directory under a key of all the
+library's source, this file, the torch version and the precision, and is reused only once its
+training has finished (an interrupted one resumes; ~30-60 s on 2 cores from scratch).
 """
 
 from __future__ import annotations
@@ -15,20 +21,70 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradshield.checkpoint import load_model
-from gradshield.data import ARCHIVE_NAME, load_dataset
+from gradshield import paths
+from gradshield.checkpoint import load_model, read_checkpoint
+from gradshield.data import ARCHIVE_NAME, ImageData, load_dataset
+from gradshield.errors import GradshieldError
 from gradshield.models import create_model
-from gradshield.paths import cache_dir
 from gradshield.training import CHECKPOINT_NAME, TrainConfig, train
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock between concurrent test runs
+    fcntl = None
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "gradshield"
 FIXTURE_TRAIN_SIZE = 10_000
 FIXTURE_EPOCHS = 4
+AMP_ENV = "GRADSHIELD_TEST_AMP"
+AMP_CHOICES = ("off", "bf16")
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("GRADSHIELD_DATA") or REPO.parent / "shared" / "datasets")
+    """The data folder as an absolute path."""
+    if os.environ.get(paths.DATA_ENV):
+        return paths.data_dir()
+    return REPO.parent / "shared" / "datasets"
+
+
+def _export_absolute_paths() -> None:
+    os.environ[paths.DATA_ENV] = str(data_dir())
+    if os.environ.get(paths.CACHE_ENV):
+        os.environ[paths.CACHE_ENV] = str(paths.cache_dir())
+
+
+_export_absolute_paths()
+
+
+def fixture_amp() -> str:
+    """The fixture model's training precision, from $GRADSHIELD_TEST_AMP (default ``off``)."""
+    amp = os.environ.get(AMP_ENV) or "off"
+    if amp not in AMP_CHOICES:
+        raise pytest.UsageError(f"{AMP_ENV}={amp!r}: choose one of {', '.join(AMP_CHOICES)}")
+    return amp
+
+
+def pytest_configure(config):
+    fixture_amp()  # a bad value stops the run before any test
+
+
+def pytest_report_header(config):
+    return f"fixture model precision: {AMP_ENV}={fixture_amp()}; data: {data_dir()}"
+
+
+def class_balanced(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
+    """``per_class`` random images of every class, in blocks of one image per class (in random
+    order within a block): any prefix, and any evenly spaced selection, is near class-balanced."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in range(data.num_classes):
+        index = (data.labels == label).nonzero().flatten()
+        picks.append(index[torch.randperm(len(index), generator=gen)[:per_class]])
+    picks = torch.stack(picks, 1)  # (per_class, classes)
+    order = torch.stack([torch.randperm(data.num_classes, generator=gen) for _ in range(per_class)])
+    index = picks.gather(1, order).flatten()
+    return ImageData(data.images[index], data.labels[index], data.classes)
 
 
 @pytest.fixture(scope="session")
@@ -42,27 +98,55 @@ def cifar():
 
 @pytest.fixture(scope="session")
 def test_batch(cifar):
-    """512 real CIFAR-10 test images (float32 in [0, 1]) and labels, a fixed seeded subset."""
-    return cifar[1].subset(512, seed=0).as_float()
+    """520 real CIFAR-10 test images (float32 in [0, 1]) and labels: 52 per class, in blocks of
+    ten holding each class once (see :func:`class_balanced`), a fixed seeded selection."""
+    return class_balanced(cifar[1], 52, seed=0).as_float()
 
 
-def _fixture_key() -> str:
+def _fixture_key(amp: str) -> str:
+    """A digest of everything that determines the fixture model."""
     digest = hashlib.sha256()
-    for rel in ("training.py", "data/memory.py", "models/compact.py", "models/registry.py",
-                "defenses/recipes.py"):
-        digest.update((SRC / rel).read_bytes())
+    for path in sorted(SRC.rglob("*.py")):
+        digest.update(path.relative_to(SRC).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(Path(__file__).read_bytes())
+    digest.update(f"\0torch {torch.__version__}\0amp {amp}".encode())
     return digest.hexdigest()[:12]
+
+
+def _finished_epochs(run_dir: Path) -> int:
+    """Epochs of the fixture run finished in ``run_dir`` (0 if none; a damaged file is removed)."""
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return 0
+    try:
+        return int(read_checkpoint(path)["epoch"]) + 1
+    except (GradshieldError, KeyError, TypeError, ValueError):
+        path.unlink()
+        return 0
+
+
+def fixture_run_dir(amp: str) -> Path:
+    """Where the fixture model trained in precision ``amp`` is cached."""
+    return paths.cache_dir() / "test-fixtures" / f"compact-{amp}-{_fixture_key(amp)}"
 
 
 @pytest.fixture(scope="session")
 def _trained_compact(cifar):
-    run_dir = cache_dir() / "test-fixtures" / f"compact-{_fixture_key()}"
-    if not (run_dir / CHECKPOINT_NAME).is_file():
-        torch.manual_seed(0)
-        model = create_model("compact")
-        train_data = cifar[0].subset(FIXTURE_TRAIN_SIZE, seed=0)
-        train(model, train_data, None, TrainConfig(epochs=FIXTURE_EPOCHS, seed=0), run_dir,
-              progress=False)
+    amp = fixture_amp()
+    run_dir = fixture_run_dir(amp)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "lock", "w") as lock:
+        if fcntl is not None:  # another test run training the same fixture: wait for it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _finished_epochs(run_dir) < FIXTURE_EPOCHS:  # new, or cut short: train / resume
+            torch.manual_seed(0)
+            model = create_model("compact")
+            train_data = cifar[0].subset(FIXTURE_TRAIN_SIZE, seed=0)
+            train(model, train_data, None, TrainConfig(epochs=FIXTURE_EPOCHS, seed=0, amp=amp),
+                  run_dir, progress=False)
+        finished = _finished_epochs(run_dir)
+    if finished != FIXTURE_EPOCHS:
+        pytest.fail(f"the fixture model in {run_dir} has {finished} of {FIXTURE_EPOCHS} epochs")
     model, _ = load_model(run_dir / CHECKPOINT_NAME)
     return model
 
@@ -70,5 +154,5 @@ def _trained_compact(cifar):
 @pytest.fixture
 def trained_model(_trained_compact):
     """A fresh copy (eval mode) of a compact net trained 4 epochs on 10k bundled CIFAR-10 images
-    (about 65-70 % test accuracy). Tests may modify it freely."""
+    in the precision of $GRADSHIELD_TEST_AMP. Tests may modify it freely."""
     return copy.deepcopy(_trained_compact).eval()

@@ -10,6 +10,7 @@ from gradshield.attacks import evolution_strategies, square
 from gradshield.attacks.square import _eta, p_selection
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
+from tests.helpers import OneAtATime, targeted_linf_margin, targeted_problem
 
 
 def spread(batch, n):
@@ -100,10 +101,13 @@ def test_es_contract_and_chunking(trained_model, test_batch, space, norm, eps):
     trained_model.eval()
     check_contract(trained_model, x, y, result, norm, eps, 1 + 4 * (2 * 5 + 1) + 1)
     assert result.success_rate > (trained_model(x).argmax(1) != y).float().mean()
-    # the chunking of candidate batches does not change anything (no loss mixes examples)
-    chunked = evolution_strategies(trained_model, x, y, generator=torch.Generator().manual_seed(0), chunk=7,
-                                   **kwargs)
-    torch.testing.assert_close(chunked.adversarial, result.adversarial, atol=1e-6, rtol=0)
+    # the chunking of candidate batches does not change anything (no loss mixes examples); the
+    # model runs one image at a time, so its arithmetic does not depend on the chunk either
+    model = OneAtATime(trained_model)
+    whole, chunked = (evolution_strategies(model, x[:8], y[:8], chunk=chunk,
+                                           generator=torch.Generator().manual_seed(0), **kwargs)
+                      for chunk in (2048, 7))
+    torch.testing.assert_close(chunked.adversarial, whole.adversarial, atol=1e-6, rtol=0)
 
 
 def test_blackbox_errors(trained_model, test_batch):
@@ -134,3 +138,22 @@ def test_targeted_square_and_es_hit_the_target(trained_model, test_batch):
         with torch.no_grad():
             hit = trained_model(result.adversarial).argmax(1) == target
         assert torch.equal(hit, result.success) and result.success.any()
+
+
+def test_targeted_square_and_es_reach_every_target_reachable_with_half_the_budget():
+    """On GroupMeans the reachable targets are known in closed form (see test_attacks_pgd):
+    gradient-free attacks hit no unreachable target, and every target reachable with half the
+    budget (margin to spare for a random search)."""
+    eps = 0.1
+    model, x, y, target, margin = targeted_problem(eps=eps)
+    easy = targeted_linf_margin(model, x, target, eps / 2) > 0
+    assert 0.2 < easy.float().mean() < 0.8 and (margin > 0).float().mean() > 0.8
+    for result in (square(model, x, target, eps=eps, targeted=True, labels=y,
+                          generator=torch.Generator().manual_seed(0)),
+                   evolution_strategies(model, x, target, eps=eps, space="additive", steps=20,
+                                        samples=10, targeted=True, labels=y,
+                                        generator=torch.Generator().manual_seed(0))):
+        with torch.no_grad():
+            assert torch.equal(model(result.adversarial).argmax(1) == target, result.success)
+        assert not (result.success & (margin <= 0)).any()
+        assert result.success[easy].all(), int((~result.success[easy]).sum())

@@ -6,12 +6,30 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from gradshield.attacks import FGR_PAPER, cw_l2, flow_smoothness, margin, stadv
 from gradshield.errors import GradshieldError
 from gradshield.models import create_model
 from gradshield.warp import warp
-from tests.test_attacks_pgd import LinearBinary, spread
+from tests.helpers import GroupMeans, OneAtATime, targeted_l2_optimum
+
+
+class LinearBinary(nn.Module):
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.b = b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def spread(batch, n):
+    images, labels = batch
+    index = torch.arange(n) * (len(labels) // n)
+    return images[index], labels[index]
 
 
 def test_cw_finds_the_minimum_l2_perturbation_of_a_linear_model():
@@ -99,10 +117,50 @@ def test_targeted_cw_and_stadv_hit_the_target(trained_model, test_batch):
         assert torch.equal(hit, result.success) and result.success.any()
 
 
+def test_targeted_cw_finds_the_smallest_l2_change_to_the_target():
+    """GroupMeans (each logit the mean of its own pixels) has a closed-form minimum L2 change
+    that makes the target win (images in [0.2, 0.8], so the box does not bind): C&W must reach
+    every target, never below that minimum, and within 5 % of it."""
+    gen = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(20, 3, 8, 8, generator=gen)
+    model = GroupMeans()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    target = (y + 1 + torch.randint(0, 9, (20,), generator=gen)) % 10
+    optimum = targeted_l2_optimum(model, x, target)
+    result = cw_l2(model, x, target, targeted=True, labels=y, steps=100, binary_search_steps=5)
+    with torch.no_grad():
+        assert torch.equal(model(result.adversarial).argmax(1) == target, result.success)
+    assert result.success.all()
+    assert (result.perturbation_size >= optimum * (1 - 1e-4)).all()
+    assert (result.perturbation_size <= 1.05 * optimum).all(), result.perturbation_size / optimum
+
+
+def test_targeted_stadv_reaches_the_target_and_never_below_the_smallest_flow():
+    """The ramp problem's margin is linear in the flow (test_attacks_pgd.ramp_problem); with the
+    bias set so that class 0 needs an L-inf flow of 0.1-0.5 px, targeted stAdv reaches class 0
+    on every example, with a flow no smaller than that minimum."""
+    from tests.test_attacks_pgd import ramp_problem
+
+    model, x, y, gradient = ramp_problem(n=4)
+    need = torch.tensor([0.1, 0.2, 0.3, 0.5])
+    with torch.no_grad():
+        score = model(x)[:, 1] - model.b
+    model.b = need * float(gradient.abs().sum()) - score  # score(x) = need * ||g||_1
+    target = torch.zeros(4, dtype=torch.long)
+    result = stadv(model, x, target, targeted=True, labels=y, steps=100)
+    with torch.no_grad():
+        assert torch.equal(model(result.adversarial).argmax(1) == target, result.success)
+    assert result.success.all()
+    assert (result.perturbation_size >= need * (1 - 1e-4)).all(), result.perturbation_size
+
+
 def test_cw_and_stadv_do_not_depend_on_the_batch(trained_model, test_batch):
+    """The model runs one example at a time, so only the attack could mix examples."""
     x, y = spread(test_batch, 8)
-    for attack in (lambda a, b: cw_l2(trained_model, a, b, steps=5, binary_search_steps=2),
-                   lambda a, b: stadv(trained_model, a, b, steps=5)):
+    model = OneAtATime(trained_model)
+    for attack in (lambda a, b: cw_l2(model, a, b, steps=5, binary_search_steps=2),
+                   lambda a, b: stadv(model, a, b, steps=5)):
         full = attack(x, y)
         single = [attack(x[i:i + 1], y[i:i + 1]) for i in range(len(y))]
         assert torch.equal(full.success, torch.cat([r.success for r in single]))

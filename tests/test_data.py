@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -55,13 +57,27 @@ def test_random_crop_flip_is_a_shifted_padded_copy():
         assert any(torch.equal(cropped[i], w) for w in windows)
 
 
+def _examples(images: torch.Tensor, labels: torch.Tensor) -> Counter:
+    """The multiset of (image bytes digest, label) pairs of uint8 images."""
+    return Counter((hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest(), int(label))
+                   for image, label in zip(images, labels, strict=True))
+
+
 def test_iterate_batches_covers_every_example_once(cifar):
+    """Every (image, label) pair exactly once: comparing labels alone would pass a batch that
+    repeats one image and drops another of the same class, or pairs images with wrong labels."""
     data = cifar[1].subset(250, seed=0)
     gen = torch.Generator().manual_seed(0)
-    seen = torch.cat([y for _, y in iterate_batches(data, 64, shuffle=True, generator=gen)])
-    assert sorted(seen.tolist()) == sorted(data.labels.tolist())
-    x, _ = next(iterate_batches(data, 64))
+    batches = list(iterate_batches(data, 64, shuffle=True, generator=gen))
+    x = torch.cat([b[0] for b in batches])
+    seen = torch.cat([b[1] for b in batches])
     assert x.dtype == torch.float32 and float(x.min()) >= 0 and float(x.max()) <= 1
+    as_uint8 = (x * 255).round().to(torch.uint8)
+    assert torch.equal(as_uint8.float() / 255, x)  # exactly the stored 8-bit values
+    assert _examples(as_uint8, seen) == _examples(data.images, data.labels)
+    assert len(_examples(data.images, data.labels)) == len(data)  # the subset holds no duplicates
+    first, _ = next(iterate_batches(data, 64))
+    assert torch.equal(first, data.images[:64].float() / 255)  # unshuffled: in order
 
 
 def _write_tar(path, files: dict[str, bytes]) -> None:

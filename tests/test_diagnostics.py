@@ -1,11 +1,14 @@
-"""Gradient-masking diagnostics: each check's logic on constructed outcomes, and the model checks
-flag a GCM-wrapped model while passing the vanilla one (real CIFAR-10 model and images)."""
+"""Gradient-masking diagnostics: each check's logic on constructed outcomes; the model checks
+flag a GCM-wrapped model and a constructed zero-gradient defense while passing the vanilla one
+(real CIFAR-10 model and images)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from gradshield.attacks import bpda
 from gradshield.defenses.concealment import conceal
 from gradshield.errors import GradshieldError
 from gradshield.evaluation.diagnostics import (
@@ -20,6 +23,7 @@ from gradshield.evaluation.diagnostics import (
     check_budget_monotonicity,
     check_finite_differences,
     check_single_step,
+    check_unbounded,
     diagnose,
     gradient_health,
 )
@@ -123,10 +127,10 @@ def test_gradient_health_and_verdict_without_attacks(test_batch, trained_model):
     assert not diagnose(trained_model, x, y, run_unbounded=False).masked
 
 
-def _records(model, x, y, *, adaptive: bool):
-    """FGSM / PGD-10 at 2 and 8/255, random-sign noise and (for GCM) BPDA, on (x, y)."""
+def _records(model, x, y, *, masked_by: type | None = None):
+    """FGSM / PGD-10 at 2 and 8/255, random-sign noise and (when ``masked_by`` names the masking
+    layer's type) BPDA through that layer, on (x, y)."""
     from gradshield.attacks import bpda, fgsm, pgd
-    from gradshield.defenses.concealment import GradientConcealment
 
     gen = torch.Generator().manual_seed(0)
     records = [AttackRecord.from_result("fgsm", SINGLE_STEP, "linf", 8 / 255,
@@ -139,24 +143,60 @@ def _records(model, x, y, *, adaptive: bool):
         with torch.no_grad():
             fooled = model((x + noise).clamp(0, 1)).argmax(1) != y
         records.append(AttackRecord(f"noise{k}", NOISE, "linf", eps, fooled))
-        if adaptive:
-            adaptive_model = bpda(model, lambda m: isinstance(m, GradientConcealment))
+        if masked_by is not None:
+            adaptive_model = bpda(model, lambda m: isinstance(m, masked_by))
             records.append(AttackRecord.from_result(f"bpda{k}", BPDA, "linf", eps,
                                                     pgd(adaptive_model, x, y, eps=eps, steps=10)))
     return records
 
 
 def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model):
+    """What GCM does to any classifier: its autograd gradient is ~1e12 times the function's rate of
+    change (finite differences disagree), and BPDA, which restores the model's own gradient, beats
+    the masked white-box attack. Whether the unbounded attack on GCM (a random-sign walk) fools
+    every example depends on how the model answers noise, so it is not asserted here (see
+    test_a_zero_gradient_defense_is_flagged_by_the_unbounded_attack)."""
+    from gradshield.defenses.concealment import GradientConcealment
+
     x, y = test_batch
     x, y = x[:64], y[:64]
     gcm = conceal(trained_model)
     gen = torch.Generator().manual_seed(0)
-    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, adaptive=True), generator=gen,
-                      unbounded_examples=64)
-    assert {"gradient_free_or_transfer_beats_white_box", "unbounded_attack_fails",
+    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, masked_by=GradientConcealment),
+                      generator=gen, unbounded_examples=64)
+    assert {"gradient_free_or_transfer_beats_white_box",
             "gradient_disagrees_with_finite_differences"} <= set(masked.flagged)
     assert not any(f.skipped for f in masked.findings)
-    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y, adaptive=False),
+    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y),
                      generator=gen, unbounded_examples=64)
     assert not clean.masked, clean.text()
     assert not any(f.skipped for f in clean.findings if f.name != "single_step_beats_iterative")
+
+
+class RoundTo8Bit(nn.Module):
+    """Rounds to the 256 levels of an 8-bit image: the identity on 8-bit images, but its autograd
+    gradient is exactly zero, so every white-box gradient step is zero (a shattered gradient)."""
+
+    def forward(self, x):
+        return torch.round(x * 255) / 255
+
+
+def test_a_zero_gradient_defense_is_flagged_by_the_unbounded_attack(test_batch, trained_model):
+    """Masking constructed so that the outcome does not depend on the weights: white-box attacks
+    cannot move, so even the unbounded attack fools no clean-correct example, success does not
+    grow with the budget, and BPDA (identity backward through the rounding) beats them."""
+    x, y = test_batch
+    x, y = x[:64], y[:64]
+    rounded = nn.Sequential(RoundTo8Bit(), trained_model).eval()
+    with torch.no_grad():
+        assert torch.equal(rounded(x), trained_model(x))  # 8-bit images pass unchanged
+    verdict = diagnose(rounded, x, y, records=_records(rounded, x, y, masked_by=RoundTo8Bit),
+                       generator=torch.Generator().manual_seed(0), unbounded_examples=64)
+    findings = {f.name: f for f in verdict.findings}
+    unbounded = findings["unbounded_attack_fails"]
+    assert unbounded.flagged and unbounded.evidence["success"] == 0.0, unbounded.summary
+    assert {"gradient_free_or_transfer_beats_white_box", "success_flat_in_budget",
+            "non_finite_or_zero_gradients"} <= set(verdict.flagged)
+    # the same unbounded attack with the gradient restored breaks (nearly) every example
+    restored = bpda(rounded, lambda m: isinstance(m, RoundTo8Bit))
+    assert not check_unbounded(restored, x, y, max_examples=64).flagged

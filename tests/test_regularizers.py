@@ -20,6 +20,7 @@ from gradshield.defenses.regularizers import (
 )
 from gradshield.errors import GradshieldError
 from gradshield.warp import flow_gradient_closed_form, warp
+from tests.helpers import OneAtATime
 
 SIZE = 5  # 5 px: the affine_grid identity points (-1, -.5, 0, .5, 1) are exact in binary
 
@@ -179,12 +180,14 @@ def test_penalty_values_match_their_definition_from_finite_difference_gradients(
 
 @pytest.mark.parametrize("kind", ["igr", "fgr"])
 def test_penalty_is_invariant_to_the_batch_size(kind, trained_model, test_batch):
-    """Per-example averaging: the penalty of a batch is the mean of its halves' penalties."""
+    """Per-example averaging: the penalty of a batch is the mean of its halves' penalties (the
+    model runs one example at a time, so its arithmetic does not depend on the batch)."""
     fn = igr_penalty if kind == "igr" else fgr_penalty
     x, y = test_batch[0][:32], test_batch[1][:32]
-    whole = fn(trained_model, x, y).penalty
-    halves = (fn(trained_model, x[:16], y[:16]).penalty + fn(trained_model, x[16:], y[16:]).penalty) / 2
-    torch.testing.assert_close(whole, halves, rtol=1e-4, atol=0)
+    model = OneAtATime(trained_model)
+    whole = fn(model, x, y).penalty
+    halves = (fn(model, x[:16], y[:16]).penalty + fn(model, x[16:], y[16:]).penalty) / 2
+    torch.testing.assert_close(whole, halves, rtol=1e-6, atol=0)
     assert whole > 0
 
 
@@ -261,27 +264,58 @@ def _with_average_pooling(module: nn.Module) -> nn.Module:
     return module
 
 
+def _with_tied_pooling_windows(model: nn.Module, x: torch.Tensor, size: int = 16) -> torch.Tensor:
+    """``x`` with a ``size`` x ``size`` square of the model's normalisation mean at (8, 8): it
+    normalises to exact zeros, so the stem's outputs there are exact zeros (whatever the weights and
+    the summation order) and every 2 x 2 window of the first max pooling inside the square holds
+    four equal values, positioned differently relative to the image around the square."""
+    x = x.clone()
+    x[:, :, 8:8 + size, 8:8 + size] = model.normalize.mean.to(x.dtype).view(1, -1, 1, 1)
+    return x
+
+
+def _exact_ties_in_first_max_pool(model: nn.Module, x: torch.Tensor) -> int:
+    pool = next(m for m in model.modules() if isinstance(m, nn.MaxPool2d))
+    seen = []
+    handle = pool.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    windows = F.unfold(seen[0].flatten(0, 1)[:, None], 2, stride=2)  # (N*C, 4, windows)
+    return int(((windows == windows.amax(1, keepdim=True)).sum(1) > 1).sum())
+
+
 @pytest.mark.parametrize("fn", [igr_penalty, fgr_penalty])
 def test_finite_difference_on_real_images_exact_for_smooth_pooling_not_for_max_pooling(
         fn, trained_model, test_batch):
-    """The trained compact net in train mode on 64 real images, float64. With its max-pooling
-    layers swapped for average pooling the input gradient is smooth and the finite difference
-    converges to double backpropagation. With max pooling it does not, at any step: 8-bit images
-    have flat regions, so pooling windows hold exact ties and the input gradient jumps along any
-    direction. There the finite-difference method is a smoothed penalty gradient, not the exact
-    one (why it is an option and not the default; see gradshield.defenses.regularizers)."""
-    x, y = test_batch[0][:64].double(), test_batch[1][:64]
-    smooth = _with_average_pooling(trained_model).double().train()
-    _, exact = _penalty_parameter_gradient(fn, smooth, x, y)
-    _, approx = _penalty_parameter_gradient(fn, smooth, x, y, method="finite_difference",
-                                            fd_step=1e-6)
-    assert float((approx - exact).norm() / exact.norm()) < 1e-3
+    """The trained compact net in train mode on 32 real images, float64, each with a flat square
+    that puts exact ties in max-pooling windows (8-bit images can have such flat regions; here
+    they are made on purpose, so the test does not depend on one model's activations). With the
+    max pooling swapped for average pooling the input gradient is smooth and the finite difference
+    converges to double backpropagation (error ~ step). With max pooling, where the step breaks a
+    tie the parameter gradient changes route (double backpropagation takes the first maximum):
+    the finite difference converges to a one-sided derivative, or diverges where the gradient
+    jumps, not to the exact penalty gradient (why it is an option and not the default). Its
+    error stays orders of magnitude above the smooth case's as the step shrinks."""
+    x, y = test_batch[0][:32].double(), test_batch[1][:32]
+    x = _with_tied_pooling_windows(trained_model, x)
+    steps = (1e-5, 1e-6)
+
+    def relative_errors(model):
+        _, exact = _penalty_parameter_gradient(fn, model, x, y)
+        errors = []
+        for step in steps:
+            _, approx = _penalty_parameter_gradient(fn, model, x, y, method="finite_difference",
+                                                    fd_step=step)
+            errors.append(float((approx - exact).norm() / exact.norm()))
+        return errors
+
+    smooth = relative_errors(_with_average_pooling(trained_model).double().train())
+    assert smooth[1] < 1e-3 and smooth[1] < smooth[0] / 5, smooth  # converges, first order
     max_pooled = trained_model.double().train()
-    _, exact = _penalty_parameter_gradient(fn, max_pooled, x, y)
-    for step in (1e-6, 1e-2):
-        _, approx = _penalty_parameter_gradient(fn, max_pooled, x, y, method="finite_difference",
-                                                fd_step=step)
-        assert float(F.cosine_similarity(approx, exact, dim=0)) < 0.95
+    assert _exact_ties_in_first_max_pool(max_pooled, x) >= len(x) * 32 * 6 * 6  # 6 x 6 windows x 32 channels
+    tied = relative_errors(max_pooled)
+    assert all(t > 1000 * s for t, s in zip(tied, smooth, strict=True)), (tied, smooth)
 
 
 def test_finite_difference_options_are_checked():

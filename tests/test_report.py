@@ -1,5 +1,5 @@
 """Reports: complete and self-contained, side by side for several runs, rendered by headless
-Chromium without console errors, and fast on a 10,000-example run."""
+Chromium without console errors, and the same summary for a 10,000-example run."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 
 import numpy as np
 import pytest
 
-from gradshield.evaluation import run_suite, summarize
+from gradshield.evaluation import load_run, run_suite, summarize
 from gradshield.evaluation.report import write_report
 from gradshield.evaluation.suites import parse_suite
 from tests.conftest import REPO
@@ -115,12 +114,28 @@ def test_incomplete_run_is_reported_as_such(tmp_path):
     assert "INCOMPLETE" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_report_of_10000_examples_takes_under_10_seconds(tmp_path):
-    db = _bench().make_synthetic_run(tmp_path / "big.db", examples=10_000, attacks=12)
-    started = time.perf_counter()
-    write_report([db], tmp_path / "out")
-    seconds = time.perf_counter() - started
-    assert seconds < 10, f"report took {seconds:.1f} s"
+def test_report_of_10000_examples_summarises_them_with_their_own_numbers(tmp_path):
+    """A large run's report (its speed is measured by benchmarks/bench_report.py, not here): each
+    attack's row holds RA and AR recomputed here from the stored per-example outcomes, and the
+    report is as long as a 300-example run's (it summarises; it does not list examples)."""
+    bench = _bench()
+    lines = {}
+    for examples in (300, 10_000):
+        db = bench.make_synthetic_run(tmp_path / f"run{examples}.db", examples=examples, attacks=12)
+        result = write_report([db], tmp_path / f"out{examples}")
+        assert result["incomplete"] == []
+        lines[examples] = (tmp_path / f"out{examples}" / "report.md").read_text().splitlines()
+    assert len(lines[300]) == len(lines[10_000])
+    run = load_run(tmp_path / "run10000.db")
+    assert run.n == 10_000 and len(run.attacks) == 12
+    pct = lambda value: f"{100 * value:.1f}%"
+    correct = run.clean_correct
+    assert f"| run10000 | {pct(correct.mean())} |" in "\n".join(lines[10_000])
+    for a, attack in enumerate(run.attacks):
+        robust = correct & (run.success[a] == 0)
+        cells = f"| {pct(robust.mean())} ({pct(robust.sum() / correct.sum())}) |"
+        assert any(row.startswith(f"| {attack['id']} |") and row.endswith(cells)
+                   for row in lines[10_000]), (attack["id"], cells)
 
 
 def _chromium() -> str | None:

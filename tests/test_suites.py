@@ -123,7 +123,7 @@ def test_random_noise_baseline_stays_in_budget():
 
 def test_every_attack_declares_its_suite_metadata_next_to_its_code():
     """The registry is filled by the attack modules themselves; suites hold no list of their own."""
-    import gradshield.suites as suites
+    import gradshield.evaluation.suites as suites
     from gradshield.attacks import registered
 
     attacks = registered()

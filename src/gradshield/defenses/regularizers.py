@@ -38,11 +38,12 @@ Two ways to differentiate the penalty w.r.t. the parameters (``method``):
   along ``U`` by a step whose RMS L2 length per example is ``fd_step`` ([0, 1] pixel scale): one
   extra forward/backward pass instead of a second-order graph. The penalty's VALUE is exact and
   the extra pass does not update BatchNorm running statistics. Its parameter gradient converges
-  to the exact one (error ~ fd_step) only where the input gradient is smooth in ``x``: measured
-  in the tests, exact to 1e-3 on the trained compact net with average pooling, but with max
-  pooling (the compact net's default) real 8-bit images put exact ties in pooling windows, the
-  input gradient jumps along any direction, and the finite difference is a smoothed gradient
-  that differs from double backpropagation (cosine ~0.5-0.7) at every step size. Hence
+  to the exact one (error ~ fd_step) only where the input gradient is smooth in ``x`` (the
+  tests check it on the trained compact net with average pooling). With max pooling (the compact
+  net's default) flat regions of 8-bit images can put exact ties in pooling windows; where the
+  step breaks such a tie the parameter gradient changes route (double backpropagation takes the
+  first maximum), and the finite difference converges to a one-sided derivative, or diverges
+  where the gradient jumps, not to the exact penalty gradient. Hence
   ``"exact"`` is the default; ``"finite_difference"`` is a variant to validate per model (its
   step now costs about what an exact one does on the compact net, `results/performance.md`).
 
