@@ -69,6 +69,6 @@ def test_quickstart_runs_end_to_end_and_prints_the_stored_results(tmp_path):
     assert "gradient_disagrees_with_finite_differences" in flagged["gcm-front"]
     assert "gradient_disagrees_with_finite_differences" not in flagged["undefended"]
     report = (out / "report" / "report.md").read_text()
-    assert all(f"{name}: RA (AR)" in report for name in names)
+    assert all(f"{name}: RA; AR" in report for name in names)
     assert (out / "report" / "report.html").stat().st_size > 0
     assert done.stdout.rstrip().endswith(f"report: {os.path.join('run', 'report', 'report.html')}")
