@@ -128,13 +128,16 @@ def test_report_of_10000_examples_summarises_them_with_their_own_numbers(tmp_pat
     assert len(lines[300]) == len(lines[10_000])
     run = load_run(tmp_path / "run10000.db")
     assert run.n == 10_000 and len(run.attacks) == 12
-    pct = lambda value: f"{100 * value:.1f}%"
+    pct = lambda value: f"{100 * value:.1f}"
     correct = run.clean_correct
-    assert f"| run10000 | {pct(correct.mean())} |" in "\n".join(lines[10_000])
+    n, k = run.n, int(correct.sum())
+    text = "\n".join(lines[10_000])
+    assert re.search(rf"\| run10000 \| {pct(correct.mean())} \([0-9.]+-[0-9.]+, n={n}\) \|", text)
     for a, attack in enumerate(run.attacks):
         robust = correct & (run.success[a] == 0)
-        cells = f"| {pct(robust.mean())} ({pct(robust.sum() / correct.sum())}) |"
-        assert any(row.startswith(f"| {attack['id']} |") and row.endswith(cells)
+        cells = (rf"\| {pct(robust.mean())} \([0-9.]+-[0-9.]+, n={n}\); "
+                 rf"AR {pct(robust.sum() / k)} \([0-9.]+-[0-9.]+, n={k}\) \|$")
+        assert any(row.startswith(f"| {attack['id']} |") and re.search(cells, row)
                    for row in lines[10_000]), (attack["id"], cells)
 
 
