@@ -72,3 +72,35 @@ def trained_model(_trained_compact):
     """A fresh copy (eval mode) of a compact net trained 4 epochs on 10k bundled CIFAR-10 images
     (about 65-70 % test accuracy). Tests may modify it freely."""
     return copy.deepcopy(_trained_compact).eval()
+
+
+# --------------------------------------------------------------------------- adversarially trained
+
+
+AT_FIXTURE_EPOCHS = 4
+AT_FIXTURE_OPTIONS = {"eps": 8 / 255, "steps": 3, "step_size": 2.5 * (8 / 255) / 3}
+
+
+@pytest.fixture(scope="session")
+def _at_compact(cifar):
+    """The compact net adversarially trained (recipe ``at``: PGD-L-inf 8/255, 3 steps) for
+    AT_FIXTURE_EPOCHS epochs on the fixture's 10k images; cached like ``_trained_compact``."""
+    from gradshield.defenses.recipes import make_recipe
+
+    settings = repr((_fixture_key(), AT_FIXTURE_EPOCHS, sorted(AT_FIXTURE_OPTIONS.items())))
+    key = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    run_dir = cache_dir() / "test-fixtures" / f"compact-at-{key}"
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        torch.manual_seed(0)
+        model = create_model("compact")
+        train_data = cifar[0].subset(FIXTURE_TRAIN_SIZE, seed=0)
+        train(model, train_data, None, TrainConfig(epochs=AT_FIXTURE_EPOCHS, seed=0), run_dir,
+              recipe=make_recipe("at", **AT_FIXTURE_OPTIONS), progress=False)
+    model, _ = load_model(run_dir / CHECKPOINT_NAME)
+    return model
+
+
+@pytest.fixture
+def at_model(_at_compact):
+    """A fresh copy (eval mode) of the adversarially trained compact net (see ``_at_compact``)."""
+    return copy.deepcopy(_at_compact).eval()

@@ -7,9 +7,11 @@ them all.
 """
 
 from gradshield.attacks.adaptive import BPDA, bpda, transfer_attack
+from gradshield.attacks.apgd import APGDStep, apgd
 from gradshield.attacks.base import AttackResult, attack_loss, dlr, is_adversarial, margin
 from gradshield.attacks.cw import cw_l2
 from gradshield.attacks.evolution import evolution_strategies
+from gradshield.attacks.fab import fab
 from gradshield.attacks.noise import random_noise
 from gradshield.attacks.pgd import ConstantStep, fgsm, flow_pgd, flow_single_step, pgd, projected_gradient
 from gradshield.attacks.registry import AttackInfo, attack_info, registered
@@ -19,15 +21,18 @@ from gradshield.attacks.stadv import FGR_PAPER, flow_smoothness, stadv
 __all__ = [
     "BPDA",
     "FGR_PAPER",
+    "APGDStep",
     "AttackInfo",
     "AttackResult",
     "ConstantStep",
+    "apgd",
     "attack_info",
     "attack_loss",
     "bpda",
     "cw_l2",
     "dlr",
     "evolution_strategies",
+    "fab",
     "fgsm",
     "flow_pgd",
     "flow_single_step",
