@@ -123,9 +123,9 @@ def test_gradient_health_and_verdict_without_attacks(test_batch, trained_model):
     assert not diagnose(trained_model, x, y, run_unbounded=False).masked
 
 
-def _records(model, x, y, *, adaptive: bool):
-    """FGSM / PGD-10 at 2 and 8/255, random-sign noise and (for GCM) BPDA, on (x, y)."""
-    from gradshield.attacks import bpda, fgsm, pgd
+def _records(model, x, y, *, adaptive: bool, white_box: str = "pgd"):
+    """FGSM / PGD-10 (or APGD-CE 10) at 2 and 8/255, random-sign noise and (for GCM) BPDA, on (x, y)."""
+    from gradshield.attacks import apgd, bpda, fgsm, pgd
     from gradshield.defenses.concealment import GradientConcealment
 
     gen = torch.Generator().manual_seed(0)
@@ -133,8 +133,9 @@ def _records(model, x, y, *, adaptive: bool):
                                         fgsm(model, x, y, eps=8 / 255))]
     for k in (2, 8):
         eps = k / 255
-        records.append(AttackRecord.from_result(f"pgd{k}", ITERATIVE, "linf", eps,
-                                                pgd(model, x, y, eps=eps, steps=10)))
+        attack = pgd(model, x, y, eps=eps, steps=10) if white_box == "pgd" else apgd(
+            model, x, y, eps=eps, steps=10, generator=torch.Generator().manual_seed(k))
+        records.append(AttackRecord.from_result(f"{white_box}{k}", ITERATIVE, "linf", eps, attack))
         noise = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
         with torch.no_grad():
             fooled = model((x + noise).clamp(0, 1)).argmax(1) != y
@@ -146,17 +147,20 @@ def _records(model, x, y, *, adaptive: bool):
     return records
 
 
-def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model):
+@pytest.mark.parametrize("white_box", ["pgd", "apgd"])
+def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model, white_box):
+    """With PGD or APGD as the white-box attack the verdict is the same: GCM masked, vanilla not."""
     x, y = test_batch
     x, y = x[:64], y[:64]
     gcm = conceal(trained_model)
     gen = torch.Generator().manual_seed(0)
-    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, adaptive=True), generator=gen,
-                      unbounded_examples=64)
+    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, adaptive=True, white_box=white_box),
+                      generator=gen, unbounded_examples=64)
     assert {"gradient_free_or_transfer_beats_white_box", "unbounded_attack_fails",
             "gradient_disagrees_with_finite_differences"} <= set(masked.flagged)
     assert not any(f.skipped for f in masked.findings)
-    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y, adaptive=False),
+    clean = diagnose(trained_model, x, y,
+                     records=_records(trained_model, x, y, adaptive=False, white_box=white_box),
                      generator=gen, unbounded_examples=64)
     assert not clean.masked, clean.text()
     assert not any(f.skipped for f in clean.findings if f.name != "single_step_beats_iterative")
