@@ -89,7 +89,7 @@ def _at_compact(cifar):
 
     settings = repr((_fixture_key(), AT_FIXTURE_EPOCHS, sorted(AT_FIXTURE_OPTIONS.items())))
     key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-    run_dir = cache_dir() / "test-fixtures" / f"compact-at-{key}"
+    run_dir = cache_dir() / "test-fixtures" / f"at-compact-{key}"  # not matched by compact-*
     if not (run_dir / CHECKPOINT_NAME).is_file():
         torch.manual_seed(0)
         model = create_model("compact")
