@@ -4,8 +4,9 @@ Everything compared in one figure runs in the same process with its repeats inte
 round-robin, so a load change on the shared machine hits all of them alike; a figure is the ratio
 of the medians (the ratio of the minima is shown beside it). Items (``--only``):
 
-- ``pgd_linf``, ``pgd_l2``, ``pgd_l1``, ``cw_l2``, ``square``: gradshield against a peer library
-  (torchattacks, foolbox, ART, torchattacks, torchattacks) and against the ideal cost, in two rows:
+- ``pgd_linf``, ``pgd_l2``, ``pgd_l1``, ``cw_l2``, ``square``, ``apgd``: gradshield against a peer
+  library (torchattacks, foolbox, ART, torchattacks, torchattacks, pyautoattack: APGD-CE L-inf
+  100 iterations, one restart) and against the ideal cost, in two rows:
   ``overhead`` (the model's own predictions as labels and a tiny budget: nothing is skipped or
   dropped, the engine works on the full batch at every step) and ``real`` (true labels, a real
   budget: gradshield skips clean-misclassified examples and drops fooled ones);
@@ -58,12 +59,12 @@ import torch
 from torch.nn import functional as F
 
 from _common import cpu_name, dataset, ideal, ideal_forward, images, load, time_interleaved
-from gradshield.attacks import AttackResult, cw_l2, flow_pgd, pgd, square
+from gradshield.attacks import AttackResult, apgd, cw_l2, flow_pgd, pgd, square
 from gradshield.training import TrainConfig, bf16_is_fast, use_bf16
 from gradshield.warp import normalized_to_pixels
 
 REPO = Path(__file__).resolve().parents[1]
-PEERS = ("torchattacks", "foolbox", "adversarial-robustness-toolbox")
+PEERS = ("torchattacks", "foolbox", "adversarial-robustness-toolbox", "pyautoattack")
 STEPS = 10  # PGD and C&W steps
 FLOW_STEPS = 20
 TRAIN_STEPS = 7  # k of AT(k), ADT(k)
@@ -89,6 +90,7 @@ class Config:
     gcm_batch: int = 256
     max_queries: int = 100  # Square: real evaluations use hundreds to thousands; 20 would overweight
     # its one clean-check forward pass
+    apgd_steps: int = 100  # APGD: AutoAttack's iterations
     scaling_batches: tuple = (32, 64, 128, 256)
     scaling_sizes: tuple = (32, 64, 224)
     scaling_size_batch: int = 8
@@ -96,10 +98,10 @@ class Config:
 
 
 QUICK = Config(repeats=1, batch={"compact": 16, "resnet18": 8}, train_batch={"compact": 16, "resnet18": 8},
-               gcm_batch=16, max_queries=10, scaling_batches=(4, 8), scaling_sizes=(32, 64),
+               gcm_batch=16, max_queries=10, apgd_steps=5, scaling_batches=(4, 8), scaling_sizes=(32, 64),
                scaling_size_batch=2)
-MODEL_ITEMS = {"compact": ("pgd_linf", "pgd_l2", "pgd_l1", "cw_l2", "square", "flow", "training", "gcm",
-                           "scaling"),
+MODEL_ITEMS = {"compact": ("pgd_linf", "pgd_l2", "pgd_l1", "cw_l2", "square", "apgd", "flow", "training",
+                           "gcm", "scaling"),
                "resnet18": ("pgd_linf", "training", "gcm")}
 RESNET_ROWS = ("overhead",)  # ResNet-18 is slow on 2 cores: the fair row only
 RESNET_RECIPES = ("standard", "igr", "fgr")
@@ -245,6 +247,27 @@ def item_square(s: Setup):
                        {"overhead": 1e-4, "real": REAL_LINF}, "eps")
     for row in rows:
         row.settings["max_queries"] = queries
+    return rows
+
+
+def item_apgd(s: Setup):
+    from pyautoattack.autopgd_base import APGDAttack
+
+    x, steps = s.attack_batch[0], s.config.apgd_steps
+
+    def peer(eps, y):  # the reference keeps attacking examples it has already fooled
+        attack = APGDAttack(s.model, n_iter=steps, eps=eps, loss="ce", seed=0, device=x.device)
+        return lambda: attack.perturb(x, y)
+
+    def ours(eps, y):
+        return lambda: apgd(s.model, x, y, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0))
+
+    # ideal: one forward + backward per iteration (both also evaluate the start; ours stops an
+    # example at its first success, the reference runs every example to the end)
+    rows = attack_rows(s, "pyautoattack", peer, ours, lambda model, x, y: ideal(model, x, y, steps),
+                       {"overhead": 1e-4, "real": REAL_LINF}, "eps")
+    for row in rows:
+        row.settings["steps"] = steps
     return rows
 
 
@@ -558,7 +581,9 @@ def markdown(state, notes: str) -> str:
               "Ideal = the bare model's forward + backward w.r.t. the input in its fastest layout "
               "(channels-last on the CPU; gradshield's attacks feed that layout, peers get the "
               "caller's NCHW tensors), once per step (C&W: per "
-              "step; Square: one forward per query under `torch.inference_mode`). torchattacks' C&W stops "
+              "step; APGD: per iteration; Square: one forward per query under `torch.inference_mode`). "
+              "pyautoattack's APGD runs every example for all iterations, gradshield's stops an example at "
+              "its first success (the `real` row). torchattacks' C&W stops "
               "early when its summed cost rises at a check (every steps/10), gradshield's runs every step. "
               "Training steps as "
               "`benchmarks/bench_training_step.py` (recipe loss + backward + SGD step, train mode, "

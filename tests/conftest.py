@@ -125,30 +125,36 @@ def _finished_epochs(run_dir: Path) -> int:
         return 0
 
 
-def fixture_run_dir(amp: str) -> Path:
-    """Where the fixture model trained in precision ``amp`` is cached."""
-    return paths.cache_dir() / "test-fixtures" / f"compact-{amp}-{_fixture_key(amp)}"
+def fixture_run_dir(amp: str, name: str = "compact") -> Path:
+    """Where the fixture model ``name`` trained in precision ``amp`` is cached."""
+    return paths.cache_dir() / "test-fixtures" / f"{name}-{amp}-{_fixture_key(amp)}"
 
 
-@pytest.fixture(scope="session")
-def _trained_compact(cifar):
+def _train_fixture(cifar, name: str, epochs: int, recipe=None):
+    """Train (or resume, or load) the cached fixture model ``name``: the compact net, seed 0, on
+    the fixture's 10k images, in the precision of $GRADSHIELD_TEST_AMP."""
     amp = fixture_amp()
-    run_dir = fixture_run_dir(amp)
+    run_dir = fixture_run_dir(amp, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "lock", "w") as lock:
         if fcntl is not None:  # another test run training the same fixture: wait for it
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if _finished_epochs(run_dir) < FIXTURE_EPOCHS:  # new, or cut short: train / resume
+        if _finished_epochs(run_dir) < epochs:  # new, or cut short: train / resume
             torch.manual_seed(0)
             model = create_model("compact")
             train_data = cifar[0].subset(FIXTURE_TRAIN_SIZE, seed=0)
-            train(model, train_data, None, TrainConfig(epochs=FIXTURE_EPOCHS, seed=0, amp=amp),
-                  run_dir, progress=False)
+            train(model, train_data, None, TrainConfig(epochs=epochs, seed=0, amp=amp),
+                  run_dir, recipe=recipe, progress=False)
         finished = _finished_epochs(run_dir)
-    if finished != FIXTURE_EPOCHS:
-        pytest.fail(f"the fixture model in {run_dir} has {finished} of {FIXTURE_EPOCHS} epochs")
+    if finished != epochs:
+        pytest.fail(f"the fixture model in {run_dir} has {finished} of {epochs} epochs")
     model, _ = load_model(run_dir / CHECKPOINT_NAME)
     return model
+
+
+@pytest.fixture(scope="session")
+def _trained_compact(cifar):
+    return _train_fixture(cifar, "compact", FIXTURE_EPOCHS)
 
 
 @pytest.fixture
@@ -156,3 +162,27 @@ def trained_model(_trained_compact):
     """A fresh copy (eval mode) of a compact net trained 4 epochs on 10k bundled CIFAR-10 images
     in the precision of $GRADSHIELD_TEST_AMP. Tests may modify it freely."""
     return copy.deepcopy(_trained_compact).eval()
+
+
+# --------------------------------------------------------------------------- adversarially trained
+
+
+AT_FIXTURE_EPOCHS = 4
+AT_FIXTURE_OPTIONS = {"eps": 8 / 255, "steps": 3, "step_size": 2.5 * (8 / 255) / 3}
+
+
+@pytest.fixture(scope="session")
+def _at_compact(cifar):
+    """The compact net adversarially trained (recipe ``at``: PGD-L-inf 8/255, 3 steps) for
+    AT_FIXTURE_EPOCHS epochs on the fixture's 10k images; cached like ``_trained_compact``
+    (under at-compact-*, which the benchmarks' compact-* glob does not match)."""
+    from gradshield.defenses.recipes import make_recipe
+
+    return _train_fixture(cifar, "at-compact", AT_FIXTURE_EPOCHS,
+                          recipe=make_recipe("at", **AT_FIXTURE_OPTIONS))
+
+
+@pytest.fixture
+def at_model(_at_compact):
+    """A fresh copy (eval mode) of the adversarially trained compact net (see ``_at_compact``)."""
+    return copy.deepcopy(_at_compact).eval()

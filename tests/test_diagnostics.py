@@ -127,18 +127,19 @@ def test_gradient_health_and_verdict_without_attacks(test_batch, trained_model):
     assert not diagnose(trained_model, x, y, run_unbounded=False).masked
 
 
-def _records(model, x, y, *, masked_by: type | None = None):
-    """FGSM / PGD-10 at 2 and 8/255, random-sign noise and (when ``masked_by`` names the masking
-    layer's type) BPDA through that layer, on (x, y)."""
-    from gradshield.attacks import bpda, fgsm, pgd
+def _records(model, x, y, *, masked_by: type | None = None, white_box: str = "pgd"):
+    """FGSM / PGD-10 (or APGD-CE 10) at 2 and 8/255, random-sign noise and (when ``masked_by``
+    names the masking layer's type) BPDA through that layer, on (x, y)."""
+    from gradshield.attacks import apgd, bpda, fgsm, pgd
 
     gen = torch.Generator().manual_seed(0)
     records = [AttackRecord.from_result("fgsm", SINGLE_STEP, "linf", 8 / 255,
                                         fgsm(model, x, y, eps=8 / 255))]
     for k in (2, 8):
         eps = k / 255
-        records.append(AttackRecord.from_result(f"pgd{k}", ITERATIVE, "linf", eps,
-                                                pgd(model, x, y, eps=eps, steps=10)))
+        attack = pgd(model, x, y, eps=eps, steps=10) if white_box == "pgd" else apgd(
+            model, x, y, eps=eps, steps=10, generator=torch.Generator().manual_seed(k))
+        records.append(AttackRecord.from_result(f"{white_box}{k}", ITERATIVE, "linf", eps, attack))
         noise = eps * torch.where(torch.rand(x.shape, generator=gen) < 0.5, -1.0, 1.0)
         with torch.no_grad():
             fooled = model((x + noise).clamp(0, 1)).argmax(1) != y
@@ -150,11 +151,13 @@ def _records(model, x, y, *, masked_by: type | None = None):
     return records
 
 
-def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model):
-    """What GCM does to any classifier: its autograd gradient is ~1e12 times the function's rate of
-    change (finite differences disagree), and BPDA, which restores the model's own gradient, beats
-    the masked white-box attack. Whether the unbounded attack on GCM (a random-sign walk) fools
-    every example depends on how the model answers noise, so it is not asserted here (see
+@pytest.mark.parametrize("white_box", ["pgd", "apgd"])
+def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_model, white_box):
+    """What GCM does to any classifier, with PGD or APGD as the white-box attack: its autograd
+    gradient is ~1e12 times the function's rate of change (finite differences disagree), and BPDA,
+    which restores the model's own gradient, beats the masked white-box attack. Whether the
+    unbounded attack on GCM (a random-sign walk) fools every example depends on how the model
+    answers noise, so it is not asserted here (see
     test_a_zero_gradient_defense_is_flagged_by_the_unbounded_attack)."""
     from gradshield.defenses.concealment import GradientConcealment
 
@@ -162,12 +165,13 @@ def test_diagnose_with_attacks_flags_gcm_and_passes_vanilla(test_batch, trained_
     x, y = x[:64], y[:64]
     gcm = conceal(trained_model)
     gen = torch.Generator().manual_seed(0)
-    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, masked_by=GradientConcealment),
+    masked = diagnose(gcm, x, y, records=_records(gcm, x, y, masked_by=GradientConcealment,
+                                                  white_box=white_box),
                       generator=gen, unbounded_examples=64)
     assert {"gradient_free_or_transfer_beats_white_box",
             "gradient_disagrees_with_finite_differences"} <= set(masked.flagged)
     assert not any(f.skipped for f in masked.findings)
-    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y),
+    clean = diagnose(trained_model, x, y, records=_records(trained_model, x, y, white_box=white_box),
                      generator=gen, unbounded_examples=64)
     assert not clean.masked, clean.text()
     assert not any(f.skipped for f in clean.findings if f.name != "single_step_beats_iterative")

@@ -20,7 +20,7 @@ CIFAR = (3, 32, 32)
 
 def test_builtin_suites_parse_and_hold_the_papers_tables():
     assert {"gcm-paper", "gcm-table2", "gcm-ablation", "fgr-paper", "adaptive",
-            "adaptive-checks", "quickstart"} <= set(builtin_suites())
+            "adaptive-checks", "quickstart", "autoattack"} <= set(builtin_suites())
     gcm = load_suite("gcm-paper")
     by = {(a.attack, a.norm, a.label): a for a in gcm.attacks}
     for level in (2, 8):
@@ -49,6 +49,23 @@ def test_builtin_suites_parse_and_hold_the_papers_tables():
     adaptive = load_suite("adaptive")
     assert {a.through for a in adaptive.attacks} == {"model", "bpda", "transfer"}
     assert {a.kind for a in adaptive.attacks} >= {"bpda", "transfer", "gradient-free", "noise"}
+    apgd_rows = {(a.hyper["loss"], a.label) for a in adaptive.attacks if a.attack == "apgd"}
+    assert apgd_rows == {(loss, f"{k}/255") for loss in ("ce", "dlr") for k in (2, 8)}
+
+
+def test_autoattack_suite_is_the_standard_version():
+    """APGD-CE, APGD-T (DLR, 9 targets), FAB-T (9 targets), Square 5000 queries; L-inf 8/255, 100
+    iterations, one restart each; the notes ask for worst-case mode."""
+    suite = load_suite("autoattack")
+    apgd_ce, apgd_t, fab_t, square = suite.attacks
+    assert all(a.norm == "linf" and a.eps_for(CIFAR) == pytest.approx(8 / 255) for a in suite.attacks)
+    assert (apgd_ce.attack, apgd_ce.hyper) == ("apgd", {"loss": "ce", "steps": 100})
+    assert (apgd_t.attack, apgd_t.hyper) == ("apgd", {"loss": "dlr", "n_target_classes": 9, "steps": 100})
+    assert (fab_t.attack, fab_t.hyper) == ("fab", {"n_target_classes": 9, "steps": 100})
+    assert fab_t.threshold_for(CIFAR) == pytest.approx(8 / 255)  # minimum-norm: counted within 8/255
+    assert square.attack == "square" and square.hyper == {"max_queries": 5001, "p_init": 0.8,
+                                                          "rescale_schedule": False}
+    assert "worst-case" in suite.description and "--mode worst-case" in suite.source
 
 
 def test_imagenet_budget_conversion_rule():
@@ -127,8 +144,8 @@ def test_every_attack_declares_its_suite_metadata_next_to_its_code():
     from gradshield.attacks import registered
 
     attacks = registered()
-    assert {"fgsm", "pgd", "cw_l2", "square", "random_noise", "flow_single_step", "flow_pgd", "stadv",
-            "evolution_strategies"} <= set(attacks)
+    assert {"fgsm", "pgd", "apgd", "fab", "cw_l2", "square", "random_noise", "flow_single_step", "flow_pgd",
+            "stadv", "evolution_strategies"} <= set(attacks)
     for name, info in attacks.items():
         assert info.function.__module__.startswith("gradshield.attacks."), name
         assert info.space in ("additive", "flow") and info.norms

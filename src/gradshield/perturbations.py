@@ -118,6 +118,39 @@ def project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return torch.where(outside[:, None], projected, flat).view_as(delta)
 
 
+def project_l1_box(delta: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Exact nearest point of the intersection of the L1 ball of radius ``eps`` and the image box
+    (``0 <= x + delta <= 1``), the projection of APGD-L1 (AutoAttack).
+
+    Per coordinate the answer is ``sign(v) * clip(|v| - lam, 0, room)`` (``room``: how far the pixel
+    can move in ``v``'s direction); ``lam >= 0`` is the smallest value whose L1 size is within
+    ``eps``, found exactly from the sorted breakpoints of that piecewise-linear size (float64).
+    """
+    n = delta.shape[0]
+    v = delta.reshape(n, -1).to(torch.float64)
+    base = x.reshape(n, -1).to(torch.float64)
+    radius = per_example(eps, delta).reshape(n).to(torch.float64)
+    room = torch.where(v > 0, 1 - base, base).clamp_min(0)
+    magnitude = v.abs()
+    clipped = torch.minimum(magnitude, room)  # lam = 0: the box projection alone
+    outside = clipped.sum(1) > radius
+    if outside.any():
+        # size(lam) = sum clip(|v| - lam, 0, room): slope -1 per coordinate between |v| - room and |v|
+        points = torch.cat([magnitude - room, magnitude], 1)
+        order = points.argsort(1)
+        points = points.gather(1, order)
+        slope = torch.cat([-torch.ones_like(v), torch.ones_like(v)], 1).gather(1, order).cumsum(1)
+        size = room.sum(1, keepdim=True) + torch.cat(
+            [torch.zeros_like(radius[:, None]), (slope[:, :-1] * points.diff(dim=1)).cumsum(1)], 1)
+        k = (size > radius[:, None]).sum(1).clamp(1, points.shape[1] - 1)  # size[k - 1] > eps >= size[k]
+        at = (k - 1)[:, None]
+        lam = points.gather(1, at) + (size.gather(1, at) - radius[:, None]) / (
+            -slope.gather(1, at)).clamp_min(1)
+        lam = torch.where(outside[:, None], lam.clamp_min(0), torch.zeros_like(lam))
+        clipped = torch.minimum((magnitude - lam).clamp_min(0), room)
+    return (v.sign() * clipped).to(delta.dtype).view_as(delta)
+
+
 _PROJECTIONS = {"linf": project_linf, "l2": project_l2, "l1": project_l1}
 
 

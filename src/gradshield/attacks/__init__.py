@@ -7,9 +7,11 @@ them all.
 """
 
 from gradshield.attacks.adaptive import BPDA, bpda, transfer_attack
+from gradshield.attacks.apgd import APGDStep, apgd
 from gradshield.attacks.base import AttackResult, attack_loss, dlr, is_adversarial, margin
 from gradshield.attacks.cw import cw_l2
 from gradshield.attacks.evolution import evolution_strategies, evolution_strategies_penalized
+from gradshield.attacks.fab import fab
 from gradshield.attacks.noise import random_noise
 from gradshield.attacks.pgd import ConstantStep, fgsm, flow_pgd, flow_single_step, pgd, projected_gradient
 from gradshield.attacks.registry import AttackInfo, attack_info, registered
@@ -19,9 +21,11 @@ from gradshield.attacks.stadv import FGR_PAPER, flow_smoothness, stadv
 __all__ = [
     "BPDA",
     "FGR_PAPER",
+    "APGDStep",
     "AttackInfo",
     "AttackResult",
     "ConstantStep",
+    "apgd",
     "attack_info",
     "attack_loss",
     "bpda",
@@ -29,6 +33,7 @@ __all__ = [
     "dlr",
     "evolution_strategies",
     "evolution_strategies_penalized",
+    "fab",
     "fgsm",
     "flow_pgd",
     "flow_single_step",

@@ -127,7 +127,7 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
         raise GradshieldError("give step_size (a constant step) or a step rule, not both or neither")
     if rule is None:
         rule = ConstantStep(check_budget(step_size, "step_size"))
-    check_loss(loss, targeted or n_target_classes is not None, labels if targeted else y)
+    check_loss(loss, targeted, labels)  # (with n_target_classes the labels are y itself)
     if restarts > 1 and not random_start:
         raise GradshieldError("restarts > 1 repeats the same deterministic run; set random_start=True")
     if n_target_classes is not None:
