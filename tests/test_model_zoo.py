@@ -269,6 +269,33 @@ def test_robustbench_architecture_from_its_model_dir_layout(tmp_path):
                                   ["--dataset", "folder", "--data-dir", data], None)
 
 
+@pytest.mark.parametrize("prefix", ["module.", "module.model.", ""])
+def test_robustbench_imagenet_weights_load_by_its_prefix_rule(tmp_path, prefix):
+    """RobustBench's ImageNet entries wrap a torchvision net in a normalising module (keys
+    ``model.*``); files hold the bare net's keys, with or without ``module.``/``model.`` prefixes.
+    Each layout loads to the same function (load_model's rule: strip both, re-add ``model.``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("robustbench") is None:
+        pytest.skip("robustbench is the optional extra gradshield[robustbench]")
+    name = "imagenet/Linf/Salman2020Do_R18"  # a ResNet-18 entry: small enough for the CPU
+    torch.manual_seed(0)
+    model = create_model(f"robustbench:{name}").eval()
+    assert model.config.num_classes == 1000 and tuple(model.config.input_size) == (224, 224)
+    bare = {k.removeprefix("model."): v for k, v in model.net.state_dict().items()
+            if k.startswith("model.")}
+    assert bare and "conv1.weight" in bare
+    model_dir = tmp_path / "models"
+    (model_dir / "imagenet" / "Linf").mkdir(parents=True)
+    torch.save({f"{prefix}{k}": v for k, v in bare.items()},
+               model_dir / "imagenet" / "Linf" / "Salman2020Do_R18.pt")
+    torch.manual_seed(1)  # another random init: only the file can make the two equal
+    loaded = create_model(f"robustbench:{name}", weights=model_dir).eval()
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_nothing_is_downloaded_and_pretrained_is_never_asked(monkeypatch):
     timm = pytest.importorskip("timm")
     seen = {}
