@@ -9,6 +9,7 @@ architecture) built for 32x32 inputs (2x2 patches of 16 px), so each runs in sec
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import socket
@@ -333,6 +334,12 @@ def test_the_table_experiments_parse_with_models_by_name():
     table2 = load_experiment(repo / "experiments" / "gcm-robustbench.toml")
     names = {m.model.rsplit("/", 1)[1] for m in table2.models.values() if m.model}
     assert len(names) == 9 and "Carmon2019Unlabeled" in names
+    if importlib.util.find_spec("robustbench") is not None:  # each is an entry of RobustBench's zoo
+        from gradshield.models.robustbench_zoo import _zoo
+
+        zoo = _zoo()
+        linf = zoo.models[zoo.enums.BenchmarkDataset("cifar10")][zoo.enums.ThreatModel("Linf")]
+        assert names <= set(linf), names - set(linf)
     assert {(r.suite, r.through) for r in table2.runs} == {("gcm-table2", None), ("gcm-table2", "bpda")}
 
 
