@@ -8,7 +8,7 @@ least disturbed by other processes on a shared machine), so a load change hits e
 alike. A step = recipe loss + backward + SGD update in
 train mode (what :func:`gradshield.training.train` does per batch).
 
-    .venv/bin/python benchmarks/bench_training_step.py --repeats 5 --out results/fgr-cifar10.bench.json
+    .venv/bin/python benchmarks/bench_training_step.py --repeats 5 --out runs/training-step.json
 """
 
 from __future__ import annotations
