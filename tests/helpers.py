@@ -81,3 +81,23 @@ def targeted_l2_optimum(model: GroupMeans, x: torch.Tensor, target: torch.Tensor
         cost = (level - own) ** 2 + sum((v - level) ** 2 for v in others[:k])
         sizes.append((per_class * cost) ** 0.5)
     return torch.tensor(sizes, dtype=x.dtype)
+
+
+class LinearBinary(nn.Module):
+    """logits = [0, w.x + b]: the margin of class 1 is linear in x, so optimal attacks are known."""
+
+    def __init__(self, w: torch.Tensor, b: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+        self.b = b
+
+    def forward(self, x):
+        score = x.flatten(1) @ self.w.flatten() + self.b
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def spread(batch, n):
+    """``n`` examples spread evenly over the batch."""
+    images, labels = batch
+    index = torch.arange(n) * (len(labels) // n)
+    return images[index], labels[index]

@@ -18,6 +18,7 @@ from gradshield.attacks.apgd import APGDStep
 from gradshield.attacks.fab import project_to_hyperplane
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import Additive, norm_of, project_l1_box
+from tests.helpers import spread
 from tests.test_attacks_pgd import linear_setup
 
 autoattack = pytest.importorskip("pyautoattack")
@@ -250,12 +251,6 @@ def test_fab_agrees_with_the_reference_on_a_small_model():
 def _robust(model, adversarial, y, correct):
     with torch.no_grad():
         return correct & (model(adversarial).argmax(1) == y)
-
-
-def spread(batch, n):
-    images_, labels = batch
-    index = torch.arange(n) * (len(labels) // n)
-    return images_[index], labels[index]
 
 
 def _mcnemar_bound(only_a: int, only_b: int) -> float:

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from gradshield.attacks import evolution_strategies, square
 from gradshield.attacks.square import _eta, p_selection
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
-from tests.helpers import OneAtATime, targeted_linf_margin, targeted_problem
-
-
-def spread(batch, n):
-    images, labels = batch
-    index = torch.arange(n) * (len(labels) // n)
-    return images[index], labels[index]
-
-
-class LinearBinary(nn.Module):
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w, self.b = w, b
-
-    def forward(self, x):
-        score = x.flatten(1) @ self.w.flatten() + self.b
-        return torch.stack([torch.zeros_like(score), score], 1)
+from tests.helpers import LinearBinary, OneAtATime, spread, targeted_linf_margin, targeted_problem
 
 
 def check_contract(model, x, y, result, norm, eps, max_queries):

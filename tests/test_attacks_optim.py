@@ -6,30 +6,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from gradshield.attacks import FGR_PAPER, cw_l2, flow_smoothness, margin, stadv
 from gradshield.errors import GradshieldError
 from gradshield.models import create_model
 from gradshield.warp import warp
-from tests.helpers import GroupMeans, OneAtATime, targeted_l2_optimum
-
-
-class LinearBinary(nn.Module):
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = b
-
-    def forward(self, x):
-        score = x.flatten(1) @ self.w.flatten() + self.b
-        return torch.stack([torch.zeros_like(score), score], 1)
-
-
-def spread(batch, n):
-    images, labels = batch
-    index = torch.arange(n) * (len(labels) // n)
-    return images[index], labels[index]
+from tests.helpers import GroupMeans, LinearBinary, OneAtATime, spread, targeted_l2_optimum
 
 
 def test_cw_finds_the_minimum_l2_perturbation_of_a_linear_model():

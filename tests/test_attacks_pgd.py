@@ -9,20 +9,7 @@ from torch import nn
 from gradshield.attacks import fgsm, flow_pgd, flow_single_step, pgd
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import norm_of
-from tests.helpers import OneAtATime, targeted_problem
-
-
-class LinearBinary(nn.Module):
-    """logits = [0, w.x + b]: the margin of class 1 is linear in x, so optimal attacks are known."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w.clone())
-        self.b = b
-
-    def forward(self, x):
-        score = x.flatten(1) @ self.w.flatten() + self.b
-        return torch.stack([torch.zeros_like(score), score], 1)
+from tests.helpers import LinearBinary, OneAtATime, spread, targeted_problem
 
 
 class FixedLinear(nn.Module):
@@ -36,11 +23,6 @@ class FixedLinear(nn.Module):
         return torch.sin(3 * x).flatten(1) @ self.weight.T
 
 
-def spread(batch, n):
-    """``n`` examples spread evenly over the batch."""
-    images, labels = batch
-    index = torch.arange(n) * (len(labels) // n)
-    return images[index], labels[index]
 
 
 def linear_setup(b: float = 15.0):
