@@ -51,6 +51,16 @@ class AttackResult:
 # --------------------------------------------------------------------------- losses
 
 
+def target_classes(logits: torch.Tensor, n_target_classes: int) -> list[torch.Tensor]:
+    """AutoAttack's target classes: for each rank 2 .. n+1 of the clean logits, that rank's class
+    per example (one (N,) tensor per rank)."""
+    if n_target_classes >= logits.shape[1]:
+        raise GradshieldError(f"n_target_classes = {n_target_classes}, but the model has only "
+                              f"{logits.shape[1] - 1} classes besides the predicted one")
+    ranked = logits.argsort(1, descending=True)
+    return [ranked[:, rank] for rank in range(1, n_target_classes + 1)]
+
+
 def margin(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``logit[class] - max_{j != class} logit[j]`` per example (the C&W margin)."""
     own = logits.gather(1, classes[:, None]).squeeze(1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradshield.attacks.base import AttackResult, attack_start, check_logits
+from gradshield.attacks.base import AttackResult, attack_start, check_logits, target_classes
 from gradshield.attacks.registry import register
 from gradshield.errors import GradshieldError
 from gradshield.perturbations import check_norm, norm_of
@@ -112,20 +112,15 @@ def fab(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "linf
         n_target_classes = check_int(n_target_classes, "n_target_classes")
     with attack_start(model, x, y, targeted=False, labels=labels) as s:
         x0_all = s.x
-        classes = s.logits.shape[1]
-        if n_target_classes is not None and n_target_classes >= classes:
-            raise GradshieldError(f"n_target_classes = {n_target_classes}, but the model has only "
-                                  f"{classes - 1} classes besides the predicted one")
-        ranked = s.logits.argsort(1, descending=True)
-        ranks = [None] if n_target_classes is None else range(1, n_target_classes + 1)
+        targets = [None] if n_target_classes is None else target_classes(s.logits, n_target_classes)
         best = x0_all.clone()
         best_size = torch.where(s.success, 0.0, float("inf")).to(x.dtype)
         active = s.remaining()
         if active.numel():
             x0, ya = x0_all[active], y[active]
             flat0 = x0.reshape(len(active), -1)
-            for rank in ranks:
-                target = None if rank is None else ranked[active, rank]
+            for ranked in targets:
+                target = None if ranked is None else ranked[active]
                 for restart in range(restarts):
                     x1 = x0.clone()
                     if restart > 0:

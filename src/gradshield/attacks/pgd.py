@@ -44,6 +44,7 @@ from gradshield.attacks.base import (
     check_logits,
     check_loss,
     keep,
+    target_classes,
 )
 from gradshield.attacks.registry import register
 from gradshield.errors import GradshieldError
@@ -145,12 +146,8 @@ def projected_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, space
             first = _loss_and_grad(s.forward, space, x, space.init(x), objectives[0], slice(None))
             s.clean(first[2])
         if n_target_classes is not None:
-            if n_target_classes >= s.logits.shape[1]:
-                raise GradshieldError(f"n_target_classes = {n_target_classes}, but the model has only "
-                                      f"{s.logits.shape[1] - 1} classes besides the predicted one")
-            ranked = s.logits.argsort(1, descending=True)
-            objectives = [_objective(loss, kappa, True, ranked[:, rank], y)
-                          for rank in range(1, n_target_classes + 1)]
+            objectives = [_objective(loss, kappa, True, target, y)
+                          for target in target_classes(s.logits, n_target_classes)]
         best = space.init(x)
         best_loss = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
         for run in range(len(objectives) * restarts):
