@@ -403,3 +403,15 @@ def test_autoattack_on_gcm_equals_the_vanilla_model(trained_model, test_batch, t
           f"{concealed.float().mean():.2%}; APGD-CE alone on GCM {white_box_robust:.2%}")
     assert only_gcm <= _mcnemar_bound(only_gcm, only_vanilla)
     assert white_box_robust > concealed.float().mean() + 0.2
+
+
+@pytest.mark.parametrize("attack", ["apgd", "fab"])
+def test_more_target_classes_than_the_model_has_is_a_clear_error(attack):
+    """A 3-class model has 2 classes besides the predicted one: 3 targets is an error."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.rand(2, 3, 2, 2), torch.tensor([0, 1])
+    run = apgd if attack == "apgd" else fab
+    options = {"eps": 0.1, "loss": "ce"} if attack == "apgd" else {}
+    with pytest.raises(GradshieldError, match="n_target_classes = 3, but the model has only 2 classes"):
+        run(model, x, y, n_target_classes=3, steps=2, **options)
