@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,35 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_family() -> str:
+    """A file-name slug for the CPU family: vendor, widest vector unit torch uses, and the bf16
+    matrix instructions present, e.g. ``amd-avx512-bf16`` or ``intel-amx-bf16``."""
+    name = cpu_name().lower()
+    vendor = next((v for v in ("amd", "intel", "arm", "apple") if v in name), platform.machine().lower())
+    flags = cpu_flags()
+    if {"amx_bf16", "amx_tile"} <= flags:
+        vector = "amx"
+    elif "avx512f" in flags:
+        vector = "avx512"
+    elif "avx2" in flags:
+        vector = "avx2"
+    else:
+        vector = (torch.backends.cpu.get_cpu_capability() or "default").lower()
+    bf16 = "-bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else ""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{vendor}-{vector}{bf16}")
 
 
 def fastest_layout(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,16 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import cpu_family  # noqa: E402
+
+
+def test_tables_are_named_by_cpu_family():
+    family = cpu_family()
+    assert family == family.lower() and " " not in family and family.count("-") >= 1
+    vector = family.split("-")[1]
+    assert vector in {"amx", "avx512", "avx2", "default", "neon", "sve", "sve256", "vsx", "zvector"}, family
 
 
 def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
@@ -18,7 +28,8 @@ def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
                "--only", "gcm,square", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    state = json.loads((tmp_path / "performance.json").read_text())
+    stem = f"performance-{cpu_family()}"
+    state = json.loads((tmp_path / f"{stem}.json").read_text())
     assert set(state["sections"]) == {"compact/gcm", "compact/square"}
     for section in state["sections"].values():
         assert section["rows"]
@@ -27,14 +38,14 @@ def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
                 assert math.isfinite(times["median_s"]) and times["median_s"] > 0
             for check in row["checks"]:
                 assert math.isfinite(check["value"]) and check["value"] > 0
-    markdown = (tmp_path / "performance.md").read_text()
+    markdown = (tmp_path / f"{stem}.md").read_text()
     assert "## Notes on misses" in markdown and "compact/square" in markdown
 
     # --resume --redo --only: that section is measured again, every other one is kept as it was
     redo = [*command[:-4], "--only", "gcm", "--out", str(tmp_path), "--resume", "--redo"]
     done = subprocess.run(redo, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    again = json.loads((tmp_path / "performance.json").read_text())
+    again = json.loads((tmp_path / f"{stem}.json").read_text())
     assert again["sections"]["compact/square"] == state["sections"]["compact/square"]
     assert again["sections"]["compact/gcm"]["rows"] != state["sections"]["compact/gcm"]["rows"]
     assert len(again["commands"]) == 2
@@ -47,4 +58,4 @@ def test_an_unavailable_device_is_a_clear_error(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
     assert done.returncode == 2
     assert f"--device {device}" in done.stderr and "CUDA is available here" in done.stderr
-    assert not (tmp_path / "performance.json").exists()
+    assert not list(tmp_path.glob("performance*.json"))

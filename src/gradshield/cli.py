@@ -105,6 +105,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             "models` describes them) (default: %(default)s, the 2-core CPU net)")
     model.add_argument("--width", type=float, default=1.0,
                        help="channel-width multiplier (default: %(default)s)")
+    model.add_argument("--tta", choices=("none", "flip"), default="none",
+                       help="test-time augmentation stored with the model: flip = the mean of the "
+                            "logits of each image and its mirror in eval mode (evaluation and every "
+                            "attack then use it; the metrics also record the bare accuracy)")
     opt = parser.add_argument_group(
         "optimisation", "unset options take the --preset's value, else gradshield's default")
     from gradshield.training import PRESETS
@@ -238,6 +242,7 @@ def _train(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
                          input_size=tuple(train_data.image_shape[1:]),
+                         tta="" if args.tta == "none" else args.tta,
                          **dataset_normalization(args.dataset)).to(device)
     started = time.perf_counter()
     history = train(model, train_data, test_data, config, args.out, recipe=recipe,

@@ -45,7 +45,7 @@ Two ways to differentiate the penalty w.r.t. the parameters (``method``):
   first maximum), and the finite difference converges to a one-sided derivative, or diverges
   where the gradient jumps, not to the exact penalty gradient. Hence
   ``"exact"`` is the default; ``"finite_difference"`` is a variant to validate per model (its
-  step now costs about what an exact one does on the compact net, `results/performance.md`).
+  step now costs about what an exact one does on the compact net, `results/performance-amd-avx512-bf16.md`).
 
 Relation to the paper's public code (xpf/Flow-Gradient-Regularization): it penalises
 ``mean_i ||d(mean_j l_j)/d v_i||^2 = mean_i ||d l_i/d v_i||^2 / B^2`` with B = 128, so its

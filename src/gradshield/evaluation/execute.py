@@ -205,7 +205,8 @@ def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, d
     torch.manual_seed(config.seed)
     model = create_model(spec.train["model"], num_classes=len(data.classes),
                          width=float(spec.train.get("width", 1.0)),
-                         input_size=tuple(train_data.image_shape[1:])).to(device or "cpu")
+                         input_size=tuple(train_data.image_shape[1:]),
+                         tta=spec.train.get("tta", "")).to(device or "cpu")
     if ckpt.is_file():  # finished already? (train() itself refuses a checkpoint of other settings)
         from gradshield.checkpoint import read_checkpoint
         from gradshield.training import config_fingerprint

@@ -479,21 +479,31 @@ def diagnostics_section(entry, experiment, workspace) -> Section:
 
 def training_section(entry, experiment, workspace) -> Section:
     rows, finals = [], defaultdict(list)
-    for model in experiment.expand(entry["models"], "training"):
-        history = [r for r in _history(workspace, model) if "test_acc" in r]
+    histories = {model: [r for r in _history(workspace, model) if "test_acc" in r]
+                 for model in experiment.expand(entry["models"], "training")}
+    # a model evaluated with flip test-time augmentation also records its bare accuracy
+    tta = any("test_acc_plain" in h[-1] for h in histories.values() if h)
+    for model, history in histories.items():
         if not history:
-            rows.append([model, "–", "–", "–"])
+            rows.append([model] + ["–"] * (4 + tta))
             continue
         last = history[-1]
-        rows.append([model, f"{100 * last['test_acc']:.2f}", str(last["epoch"] + 1),
+        plain = [f"{100 * last['test_acc_plain']:.2f}" if "test_acc_plain" in last else "–"] * tta
+        rows.append([model, f"{100 * last['test_acc']:.2f}", *plain, str(last["epoch"] + 1),
                      f"{last['elapsed_s'] / 60:.2f}"])
-        finals[experiment.models[model].grid or model].append(last["test_acc"])
-    blocks = [("table", ["model", "final test accuracy %", "epochs", "training time (min)"], rows)]
-    for group, values in finals.items():
+        group = experiment.models[model].grid or model
+        finals[(group, "test_acc")].append(last["test_acc"])
+        if "test_acc_plain" in last:
+            finals[(group, "test_acc_plain")].append(last["test_acc_plain"])
+    header = ["model", "final test accuracy %" + (" (flip TTA where the model has it)" if tta else ""),
+              *(["without TTA %"] * tta), "epochs", "training time (min)"]
+    blocks = [("table", header, rows)]
+    for (group, key), values in finals.items():
         if len(values) > 1:
             mean = float(np.mean(values))
             spread = float(np.std(values, ddof=1))
-            blocks.append(("text", f"{group}: mean {100 * mean:.2f} %, standard deviation "
+            what = " without TTA" if key == "test_acc_plain" else ""
+            blocks.append(("text", f"{group}{what}: mean {100 * mean:.2f} %, standard deviation "
                                    f"{100 * spread:.2f} points over {len(values)} seeds "
                                    f"(min {100 * min(values):.2f}, max {100 * max(values):.2f})."))
     return _section(entry, blocks)

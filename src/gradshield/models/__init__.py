@@ -5,6 +5,7 @@ from gradshield.models import (  # noqa: F401  (registers the architectures and 
     cifar,
     compact,
     robustbench_zoo,
+    speedrun,
     timm_zoo,
     torchvision_zoo,
 )

@@ -106,6 +106,9 @@ class ModelConfig:
     evaluation, from the model's own config where it has one (``resize``: the shorter side in
     pixels before the center crop to ``input_size``; ``interpolation``: ``bilinear`` or
     ``bicubic``); empty: resize straight to ``input_size``.
+    ``tta``: test-time augmentation in eval mode: "" (none) or "flip" (the mean of the logits of
+    the image and its horizontal mirror; every attack then attacks that mean). Training mode
+    always runs the bare network.
     """
 
     arch: str
@@ -116,11 +119,13 @@ class ModelConfig:
     input_size: tuple[int, int] = (32, 32)
     options: dict = field(default_factory=dict)
     preprocess: dict = field(default_factory=dict)
+    tta: str = ""
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if not data["preprocess"]:  # added later: absent when empty, so older fingerprints hold
-            del data["preprocess"]
+        for key in ("preprocess", "tta"):  # added later: absent when empty, so older fingerprints hold
+            if not data[key]:
+                del data[key]
         return data
 
     @classmethod
@@ -154,7 +159,13 @@ class NormalizedClassifier(nn.Module):
         self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        x = self.normalize(x)
+        if self.config.tta == "flip" and not self.training:
+            return (self.net(x) + self.net(x.flip(3))) / 2
+        return self.net(x)
+
+
+TTA_MODES = ("", "flip")
 
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
@@ -170,6 +181,8 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
         raise GradshieldError(f"num_classes must be >= 2, got {config.num_classes}")
     if config.width <= 0:
         raise GradshieldError(f"width multiplier must be > 0, got {config.width}")
+    if config.tta not in TTA_MODES:
+        raise GradshieldError(f"tta must be '' (none) or 'flip', got {config.tta!r}")
     if len(config.mean) != len(config.std) or any(s <= 0 for s in config.std):
         raise GradshieldError(f"bad normalisation mean={config.mean} std={config.std}")
     if family is not None:
