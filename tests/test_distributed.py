@@ -386,7 +386,7 @@ def test_torchrun_train_killed_rank_then_rerun_resumes_exactly(spawned, tmp_path
     assert resumed["epoch"] == uninterrupted["epoch"] == s["epochs"] - 1
     for key, value in uninterrupted["model_state"].items():
         assert torch.equal(resumed["model_state"][key], value), key
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "eval_s")} for r in rows]
     assert drop(resumed["metrics"]) == drop(uninterrupted["metrics"])
 
 
