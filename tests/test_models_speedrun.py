@@ -78,7 +78,7 @@ def test_flip_tta_averages_the_mirror_in_eval_mode_only_and_training_records_bot
     torch.manual_seed(0)
     model = create_model("speedrun", num_classes=4, width=0.25, tta="flip")
     x = _correlated(6)
-    bare = lambda z: model.net(model.normalize(z))  # noqa: E731
+    bare = lambda z: model.net(model.normalize(z))
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), (bare(x) + bare(x.flip(3))) / 2)

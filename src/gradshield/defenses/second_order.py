@@ -6,8 +6,9 @@ backpropagation). PyTorch's own second-order formulas are slow on a CPU: those o
 operations (~50 % of an FGR step on the compact net before this module), a convolution's
 takes the weight gradient's derivative as a convolution with the batch as channels (~3x a
 weight gradient), and max pooling's returns NCHW tensors (every later element-wise pass then
-mixes layouts) plus a zero tensor for its input (``results/performance-amd-avx512-bf16.notes.md``). This module
-gives these layers hand-derived second-order passes, and changes nothing else:
+mixes layouts) plus a zero tensor for its input
+(``results/performance-amd-avx512-bf16.notes.md``). This module gives these layers hand-derived
+second-order passes, and changes nothing else:
 
 - :func:`second_order_kernels` is a context manager (a :class:`torch.overrides.TorchFunctionMode`)
   active only around the forward pass whose input gradient will be differentiated again. Inside
