@@ -700,6 +700,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda[:N]: the attacks, GCM and training steps there, timed with CUDA "
                              "events (record the table separately: --out results/gpu)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite OUT/performance-<family>.md from its JSON and "
+                             "the notes file (after editing the notes)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
@@ -726,6 +729,11 @@ def main(argv=None) -> None:
     stem = table_stem(config.device)
     notes_file = out / f"{stem}.notes.md"  # hand-written from the figures; kept across runs
     notes = notes_file.read_text().strip() if notes_file.is_file() else PLACEHOLDER.replace("STEM", stem)
+    if args.render:
+        state = json.loads((out / f"{stem}.json").read_text())
+        save(state, out, notes, stem)
+        print(f"wrote {out / (stem + '.md')}")
+        return
     if args.resume and (out / f"{stem}.json").is_file():
         state = json.loads((out / f"{stem}.json").read_text())
         if state["settings"] != settings:
