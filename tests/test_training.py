@@ -152,3 +152,68 @@ def test_cli_train_survives_sigkill_and_evaluate_needs_only_the_file(tmp_path):
                                check=True, env=env, capture_output=True, text=True)
     result = json.loads(evaluated.stdout)
     assert result["examples"] == 200 and 0.2 < result["clean_accuracy"] <= 1.0
+
+
+def test_bias_lr_scale_splits_the_learning_rate_and_decay():
+    """1-d parameters get lr x scale and weight decay / scale, so their decay per step is unchanged."""
+    from gradshield.training import _param_groups
+
+    model = _fresh()
+    config = TrainConfig(lr=0.1, weight_decay=1e-3, bias_lr_scale=64.0)
+    weights, shifts = _param_groups(model, config)
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in shifts["params"])
+    assert len(weights["params"]) + len(shifts["params"]) == len(list(model.parameters()))
+    assert shifts["lr_scale"] * shifts["weight_decay"] == pytest.approx(config.weight_decay)
+    assert len(_param_groups(model, TrainConfig())) == 1
+    with pytest.raises(GradshieldError, match="bias_lr_scale"):
+        TrainConfig(bias_lr_scale=0.0).validate()
+
+
+def test_lookahead_averages_and_ends_on_the_average(cifar, tmp_path):
+    """The update is a lerp of the running average toward the weights, then the weights are set
+    to it; the decay grows as (step / total)^3 to 0.95^5; a run ends on the average and resumes
+    after a kill to the same weights."""
+    from gradshield.training import Lookahead
+
+    assert Lookahead.decay(0, 100) == 0 and Lookahead.decay(100, 100) == pytest.approx(0.95 ** 5)
+    model = _fresh()
+    lookahead = Lookahead(model)
+    before = {k: v.clone() for k, v in lookahead.average.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    lookahead.update(model, 0.75)
+    key = next(k for k, _ in model.named_parameters())
+    expected = before[key] + 0.25
+    torch.testing.assert_close(lookahead.average[key], expected)
+    torch.testing.assert_close(dict(model.named_parameters())[key].detach(), expected)
+
+    data = cifar[0].subset(1024, seed=1)
+    config = TrainConfig(epochs=2, batch_size=64, lr=0.1, seed=3, lookahead=True, bias_lr_scale=8.0)
+    reference = _fresh()
+    train(reference, data, None, config, tmp_path / "ref", progress=False)
+    blob = read_checkpoint(tmp_path / "ref" / CHECKPOINT_NAME)
+    for k, v in blob["lookahead_state"].items():
+        torch.testing.assert_close(reference.state_dict()[k], v)
+    interrupted = _fresh()
+    train(interrupted, data, None, config, tmp_path / "cut", progress=False,
+          stop_after_steps=1024 // 64 + 7)
+    resumed = _fresh(seed=99)
+    train(resumed, data, None, config, tmp_path / "cut", progress=False)
+    assert _weights_equal(resumed, reference)
+
+
+def test_alternating_flips_mirror_each_image_once_every_two_epochs():
+    from gradshield.data.memory import random_crop_flip
+    from gradshield.training import _alternating_flips
+
+    config = TrainConfig(seed=4, flip="alternating")
+    first, second, third = (_alternating_flips(config, epoch, 101) for epoch in range(3))
+    assert int(first.sum()) == 50 and torch.equal(first ^ second, torch.ones(101, dtype=torch.bool))
+    assert torch.equal(first, third)
+    assert _alternating_flips(TrainConfig(), 0, 101) is None
+    images = torch.randint(0, 256, (101, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flips=first)
+    assert torch.equal(out[first], images[first].flip(3)) and torch.equal(out[~first], images[~first])
+    with pytest.raises(GradshieldError, match="flip"):
+        TrainConfig(flip="sometimes").validate()

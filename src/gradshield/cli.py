@@ -140,11 +140,26 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help=f"L2 weight decay (default: {d.weight_decay})")
     opt.add_argument("--warmup-epochs", type=float, default=None,
                      help=f"linear LR warm-up length in epochs (default: {d.warmup_epochs})")
+    opt.add_argument("--lookahead", default=None, action=argparse.BooleanOptionalAction,
+                     help="airbench's Lookahead: a moving average of the weights every 5 steps, "
+                          "which the weights reset to and the run ends on (default: off)")
+    opt.add_argument("--bias-lr-scale", type=float, default=None,
+                     help="learning-rate multiplier of 1-d parameters (biases, BatchNorm "
+                          f"shifts), their weight decay divided by it (airbench: 64) (default: "
+                          f"{d.bias_lr_scale})")
+    opt.add_argument("--crop-padding", type=int, default=None,
+                     help="pixels of zero padding before the random crop (airbench: 2) "
+                          f"(default: {d.crop_padding})")
+    opt.add_argument("--flip", default=None, choices=("random", "alternating"),
+                     help="horizontal flips: random per image and epoch, or alternating (a "
+                          "seeded half mirrored in even epochs, the other half in odd ones; "
+                          f"airbench) (default: {d.flip})")
     opt.add_argument("--amp", default=None, choices=("auto", "bf16", "off"),
                      help="bfloat16 autocast for training: auto uses it where the CPU/GPU runs it "
                           f"natively (weights and evaluation stay float32) (default: {d.amp})")
     opt.add_argument("--no-augment", action="store_true",
-                     help="disable the random crop (after 4-pixel zero padding) and horizontal flip")
+                     help="disable the random crop (after --crop-padding pixels of zero padding) and the "
+                          "horizontal flip")
     opt.add_argument("--seed", type=int, default=d.seed,
                      help="seed for initialisation, data order, augmentation and subsets "
                           "(default: %(default)s)")
@@ -221,8 +236,9 @@ def train_config(args: argparse.Namespace):
 
     values = dict(PRESETS[args.preset]) if args.preset else {}
     for key in ("epochs", "batch_size", "lr", "schedule", "gamma", "momentum", "nesterov",
-                "weight_decay", "warmup_epochs", "amp"):
-        if getattr(args, key) is not None:
+                "weight_decay", "warmup_epochs", "amp", "lookahead", "bias_lr_scale",
+                "crop_padding", "flip"):
+        if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     if args.milestones is not None:
         values["milestones"] = tuple(args.milestones)

@@ -54,7 +54,19 @@ class TrainConfig:
 
     ``schedule``: "linear" (warm-up over ``warmup_epochs``, then linear decay to 0; gradshield's
     default) or "step" (``lr`` multiplied by ``gamma`` at each epoch in ``milestones``, after the
-    warm-up if any). ``nesterov``: SGD with Nesterov momentum."""
+    warm-up if any). ``nesterov``: SGD with Nesterov momentum.
+
+    ``lookahead`` and ``bias_lr_scale`` follow airbench (Jordan 2024, arXiv:2404.00498, Sec. 3):
+    ``lookahead`` keeps an exponential moving average of the weights (and BatchNorm statistics),
+    updated every 5 steps with decay ``0.95**5 * (step / total)**3``, resets the weights to it
+    at each update, and ends the run on it; ``bias_lr_scale`` multiplies the learning rate of
+    1-d parameters (biases, BatchNorm shifts) and divides their weight decay by the same factor
+    (airbench: 64), so their decay per step is unchanged.
+
+    Augmentation (``augment``): a random crop after ``crop_padding`` pixels of zero padding
+    (airbench: 2, reflected) and a horizontal flip: ``flip="random"`` per image and epoch, or
+    "alternating" (airbench, Sec. 3.6): a seeded half of the images is mirrored in even epochs,
+    the other half in odd ones, so each image is seen both ways every two epochs."""
 
     epochs: int = 20
     batch_size: int = 256
@@ -70,6 +82,10 @@ class TrainConfig:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     nesterov: bool = True
+    lookahead: bool = False
+    bias_lr_scale: float = 1.0
+    crop_padding: int = 4
+    flip: str = "random"
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -89,6 +105,11 @@ class TrainConfig:
             raise GradshieldError(
                 f"need lr > 0, weight_decay >= 0, 0 <= momentum < 1; got lr={self.lr}, "
                 f"weight_decay={self.weight_decay}, momentum={self.momentum}")
+        if self.flip not in ("random", "alternating") or self.crop_padding < 0:
+            raise GradshieldError(f"need flip 'random' or 'alternating' and crop_padding >= 0; "
+                                  f"got flip={self.flip!r}, crop_padding={self.crop_padding}")
+        if self.bias_lr_scale <= 0:
+            raise GradshieldError(f"bias_lr_scale must be > 0, got {self.bias_lr_scale}")
         if self.amp not in ("auto", "bf16", "off"):
             raise GradshieldError(f"amp must be auto, bf16 or off, got {self.amp!r}")
 
@@ -151,10 +172,17 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and bf16_is_fast())
 
 
+#: Settings added after runs were cached: left out of the fingerprint at their default, so a run
+#: made before they existed still resumes.
+_LATER_SETTINGS = {"lookahead": False, "bias_lr_scale": 1.0, "crop_padding": 4, "flip": "random"}
+
+
 def config_fingerprint(model: nn.Module, config: TrainConfig, recipe: Recipe,
                         n_train: int) -> dict:
     model_config = getattr(model, "config", None)
-    return {"train": asdict(config), "recipe": recipe.describe(), "n_train": n_train,
+    train = {key: value for key, value in asdict(config).items()
+             if key not in _LATER_SETTINGS or value != _LATER_SETTINGS[key]}
+    return {"train": train, "recipe": recipe.describe(), "n_train": n_train,
             "model": model_config.to_dict() if model_config else None}
 
 
@@ -185,6 +213,15 @@ def _epoch_generator(config: TrainConfig, epoch: int, context: distributed.Conte
                           (context.rank + 1) * share, config.batch_size)
 
 
+def _alternating_flips(config: TrainConfig, epoch: int, n: int) -> torch.Tensor | None:
+    """Which of the ``n`` training images to mirror in ``epoch`` under ``flip="alternating"``:
+    a seeded half, and its complement in odd epochs (None under random flips)."""
+    if config.flip != "alternating":
+        return None
+    first = torch.randperm(n, generator=derived_generator(config.seed, -2)) < n // 2
+    return first ^ bool(epoch % 2)
+
+
 def _test_accuracy(model: nn.Module, data: ImageData, device: torch.device,
                    memory_format: torch.memory_format, context: distributed.Context) -> float:
     """Clean accuracy on ``data``; in a data-parallel run each rank predicts a contiguous share and
@@ -213,6 +250,40 @@ def init_from_data(model: nn.Module, data: ImageData, seed: int) -> None:
     x = data.images[order].float().div_(255.0).to(device)
     normalize = getattr(model, "normalize", None)
     init(normalize(x) if normalize is not None else x)
+
+
+def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """SGD's parameter groups: 1-d parameters get ``bias_lr_scale`` x the learning rate and
+    1 / ``bias_lr_scale`` x the weight decay (one group when the scale is 1)."""
+    params = list(model.parameters())
+    if config.bias_lr_scale == 1.0:
+        return [{"params": params, "lr_scale": 1.0, "weight_decay": config.weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0,
+             "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "lr_scale": config.bias_lr_scale,
+             "weight_decay": config.weight_decay / config.bias_lr_scale}]
+
+
+class Lookahead:
+    """airbench's Lookahead: a moving average of the floating-point state (weights and
+    BatchNorm statistics) that the weights are reset to at each update."""
+
+    EVERY = 5
+
+    def __init__(self, model: nn.Module) -> None:
+        self.average = {key: value.detach().clone() for key, value in model.state_dict().items()
+                        if value.is_floating_point()}
+
+    @staticmethod
+    def decay(step: int, total_steps: int) -> float:
+        return 0.95 ** 5 * (step / max(1, total_steps)) ** 3
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        state = model.state_dict()
+        for key, average in self.average.items():
+            average.lerp_(state[key], 1.0 - decay)
+            state[key].copy_(average)
 
 
 def _no_buffer_broadcast() -> dict:
@@ -276,8 +347,9 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     init_from_data(model, train_data, config.seed)  # replaced by the checkpoint's on resume
     model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(_param_groups(model, config), lr=config.lr,
+                                momentum=config.momentum, nesterov=config.nesterov,
+                                weight_decay=config.weight_decay)
     start_epoch, elapsed = 0, 0.0
     blob, history = distributed.on_main(
         lambda: _resume_state(ckpt_path, metrics_path, fingerprint, resume, run_dir), context)
@@ -286,6 +358,9 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
         optimizer.load_state_dict(blob["optimizer_state"])
         torch.set_rng_state(blob["rng_state"])
         start_epoch, elapsed = blob["epoch"] + 1, blob["elapsed_s"]
+    lookahead = Lookahead(model) if config.lookahead else None
+    if lookahead is not None and blob is not None and "lookahead_state" in blob:
+        lookahead.average = {key: value.to(device) for key, value in blob["lookahead_state"].items()}
     del blob
 
     steps_per_epoch = max(1, len(train_data) // config.batch_size)
@@ -310,16 +385,18 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
             model.train()
             loss_sum, seen = 0.0, 0
             batches = iterate_batches(train_data, config.batch_size, shuffle=True,
-                                      generator=generator, augment=config.augment, drop_last=True)
+                                      generator=generator, augment=config.augment, drop_last=True,
+                                      padding=config.crop_padding,
+                                      flips=_alternating_flips(config, epoch, len(train_data)))
             bar = tqdm(batches, total=steps_per_epoch, disable=not progress, leave=False,
                        mininterval=2, desc=f"epoch {epoch + 1}/{config.epochs}")
             for i, (x, y) in enumerate(bar):
                 step = epoch * steps_per_epoch + i
+                lr = learning_rate(step, total_steps, config.lr, warmup_steps,
+                                   schedule=config.schedule, steps_per_epoch=steps_per_epoch,
+                                   milestones=config.milestones, gamma=config.gamma)
                 for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(step, total_steps, config.lr, warmup_steps,
-                                                schedule=config.schedule,
-                                                steps_per_epoch=steps_per_epoch,
-                                                milestones=config.milestones, gamma=config.gamma)
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 x = x.to(device, memory_format=memory_format)
                 y = y.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -331,11 +408,15 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if lookahead is not None and (step + 1) % Lookahead.EVERY == 0:
+                    lookahead.update(model, Lookahead.decay(step + 1, total_steps))
                 loss_sum += float(loss.detach()) * y.shape[0]
                 seen += y.shape[0]
                 steps_done += 1
                 if stop_after_steps is not None and steps_done >= stop_after_steps:
                     return history
+            if lookahead is not None and epoch == config.epochs - 1:
+                lookahead.update(model, 1.0)  # the run ends on the average
             loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
             elapsed += time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen),
@@ -358,6 +439,7 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
                     "epoch": epoch, "elapsed_s": elapsed, "fingerprint": fingerprint,
                     "classes": list(train_data.classes), "image_shape": list(train_data.image_shape),
                     "metrics": history, "world_size": context.world_size,
+                    **({"lookahead_state": lookahead.average} if lookahead is not None else {}),
                     "train_config": asdict(config), "recipe": recipe.describe(),
                     **(extra_metadata or {}),
                 })

@@ -289,8 +289,9 @@ def load_dataset(name: str, data: str | os.PathLike | None = None,
 # ----------------------------------------------------------------------------- batches
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, padding: int = 4,
-                     flip: bool = True) -> torch.Tensor:
-    """Random crop after zero padding by ``padding`` pixels, and random horizontal flip, per image.
+                     flip: bool = True, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop after zero padding by ``padding`` pixels, and random horizontal flip, per image
+    (``flips``: which images to mirror, (N,) bool, instead of drawing it).
 
     One gather over the padded batch (N, C, H, W), any dtype: the crop offsets and the flip are
     folded into a single index, so the batch is read once. With a
@@ -303,7 +304,9 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, paddin
     dy = draw_rows(lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=generator), n, generator)
     dx = draw_rows(lambda k: torch.randint(0, 2 * padding + 1, (k,), generator=generator), n, generator)
     cols = torch.arange(w).expand(n, w)
-    if flip:
+    if flips is not None:
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    elif flip:
         flipped = draw_rows(lambda k: torch.rand(k, generator=generator), n, generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     index = (dy[:, None, None] + torch.arange(h)[None, :, None]) * wp + (dx[:, None] + cols)[:, None, :]
@@ -313,9 +316,12 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, *, paddin
 
 def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, augment: bool = False,
-                    drop_last: bool = False, start_batch: int = 0
+                    drop_last: bool = False, start_batch: int = 0, padding: int = 4,
+                    flips: torch.Tensor | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float32 images in [0, 1], labels) batches; augmentation happens on whole batches.
+    """Yield (float32 images in [0, 1], labels) batches; augmentation happens on whole batches:
+    a random crop after ``padding`` pixels of zero padding and a horizontal flip, random or, with
+    ``flips`` ((len(data),) bool), of the images it marks.
 
     ``start_batch`` skips that many batches after drawing the same random order (for resuming).
     With a :class:`~gradshield.utils.ShardGenerator` (rows ``start:stop`` of ``total`` =
@@ -339,7 +345,8 @@ def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool = False,
             index = index[rows[0]:rows[1]]
         images = data.images[index]
         if augment:
-            images = random_crop_flip(images, generator)
+            images = random_crop_flip(images, generator, padding=padding,
+                                      flips=None if flips is None else flips[index])
         if i < start_batch:
             continue
         yield images.float().div_(255.0), data.labels[index]

@@ -56,7 +56,8 @@ TOP_KEYS = ("name", "title", "description", "seed", "data", "models", "variants"
             "analyses", "claims", "report")
 TRAIN_KEYS = ("model", "width", "defense", "options", "preset", "epochs", "batch_size", "lr",
               "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "milestones",
-              "gamma", "amp", "augment", "train_limit", "seed", "eval_test", "tta")
+              "gamma", "amp", "augment", "train_limit", "seed", "eval_test", "tta", "lookahead",
+              "bias_lr_scale", "crop_padding", "flip")
 GCM_KEYS = ("at", "w", "eps")
 METRICS = ("ar", "robust", "success", "clean")
 

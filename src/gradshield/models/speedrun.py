@@ -1,6 +1,8 @@
 """A CIFAR network in the shape of the fast speed-run nets (Jordan 2024, "94% on CIFAR-10 in 3.29
 seconds", arXiv:2404.00498): a frozen whitening stem of 2x2 patches, three conv-pool-conv blocks,
-global max pooling and a scaled linear head.
+global max pooling and a scaled linear head. As in airbench, the BatchNorm scales are fixed at 1
+(only the shifts are learnt) and each convolution's first ``in_channels`` filters start as the
+identity (Dirac).
 
 Widths at ``width`` 1: 24 whitening channels, then 32-128-128 (the speed-run net, airbench94, has
 64-256-256: ``width=2``). The stem's weights are not learnt: :meth:`SpeedrunNet.init_from_data`
@@ -37,6 +39,13 @@ class SpeedrunNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.head = nn.Linear(w[2], num_classes, bias=False)
         self.head_scale = head_scale
+        for module in (self.block1, self.block2, self.block3):
+            for layer in module.modules():
+                if isinstance(layer, nn.BatchNorm2d):  # airbench: scales fixed at 1, shifts learnt
+                    layer.weight.requires_grad_(False)
+                elif isinstance(layer, nn.Conv2d):  # airbench: identity init of the first filters
+                    with torch.no_grad():
+                        nn.init.dirac_(layer.weight[:layer.weight.shape[1]])
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:
