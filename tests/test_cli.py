@@ -45,6 +45,27 @@ def test_lists(capsys):
     assert build_parser().parse_args(["quickstart"]).epochs > 0
 
 
+def test_quickstart_trains_the_default_cpu_model_with_its_recipe():
+    """The quickstart's model is speedrun with its preset and flip TTA; the train command's
+    defaults are unchanged; the preset is the recipe of experiments/training-cifar10.toml."""
+    from pathlib import Path
+
+    from gradshield.cli import train_config
+    from gradshield.compat import tomllib
+    from gradshield.training import PRESETS
+
+    args = build_parser().parse_args(["quickstart"])
+    assert (args.model, args.preset, args.tta) == ("speedrun", "speedrun", "flip")
+    config = train_config(args)
+    assert config.lookahead and config.flip == "alternating" and config.epochs == args.epochs
+    assert build_parser().parse_args(["train"]).model == "compact"
+    experiment = Path(__file__).resolve().parents[1] / "experiments" / "training-cifar10.toml"
+    grid = {g["id"]: g for g in tomllib.loads(experiment.read_text())["grid"]}
+    recipe = grid["speedrun"]["train"]
+    assert {key: recipe[key] for key in PRESETS["speedrun"]} == PRESETS["speedrun"]
+    assert recipe["options"] == {"label_smoothing": 0.2} and recipe["tta"] == "flip"
+
+
 def test_evaluate_help_states_units(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])

@@ -117,7 +117,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="named settings: fgr-paper (the FGR paper, Sec. 5.1: 60 epochs, lr 0.1 "
                           "divided by 10 after 30 and 50, momentum 0.9, weight decay 5e-4, batch "
                           "128), fgr-code (the FGR authors' code: 80 epochs, lr 0.01 divided by "
-                          "10 after 40 and 60, batch 128)")
+                          "10 after 40 and 60, batch 128), speedrun (for --model speedrun: "
+                          "airbench's optimiser at batch 512, 16 epochs, 2-pixel crops, "
+                          "alternating flips; see experiments/training-cifar10.toml)")
     opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {d.epochs})")
     opt.add_argument("--batch-size", type=int, default=None,
                      help="images per optimiser step: the GLOBAL batch; under torchrun each of the "
@@ -556,6 +558,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     args.out = str(out / "model")
+    if args.defense == "standard" and not args.defense_option:
+        args.defense_option = ["label_smoothing=0.2"]  # the speedrun recipe's (airbench's)
     _train(args)
     model, _ = load_model(out / "model" / "checkpoint.pt")
     _, test = _load_data(args)
@@ -687,10 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("quickstart", help="train the default model briefly, attack it with and "
-                                          "without GCM, print a table, write a report")
+                                          "without GCM, print a table, write a report",
+                       description="Defaults: --model speedrun --preset speedrun --tta flip "
+                                   "--epochs 6 --warmup-epochs 1, and the standard recipe with "
+                                   "label_smoothing=0.2 unless --defense/--defense-option say "
+                                   "otherwise.")
     _add_train_options(p)
     _add_data_options(p, train=True)
-    p.set_defaults(func=cmd_quickstart, epochs=6, out="runs/quickstart", test_limit=500)
+    p.set_defaults(func=cmd_quickstart, model="speedrun", preset="speedrun", tta="flip", epochs=6,
+                   warmup_epochs=1.0, out="runs/quickstart", test_limit=500)
 
     p = sub.add_parser("defenses", help="list the training recipes and their options")
     p.set_defaults(func=cmd_defenses)
