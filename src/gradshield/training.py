@@ -181,14 +181,15 @@ def use_bf16(config: TrainConfig, device: torch.device) -> bool:
 
 #: Settings added after runs were cached: left out of the fingerprint at their default, so a run
 #: made before they existed still resumes.
-_LATER_SETTINGS = {"lookahead": False, "bias_lr_scale": 1.0, "crop_padding": 4, "flip": "random"}
+_LATER_SETTINGS = ("lookahead", "bias_lr_scale", "crop_padding", "flip")
 
 
 def config_fingerprint(model: nn.Module, config: TrainConfig, recipe: Recipe,
                         n_train: int) -> dict:
     model_config = getattr(model, "config", None)
+    defaults = TrainConfig()
     train = {key: value for key, value in asdict(config).items()
-             if key not in _LATER_SETTINGS or value != _LATER_SETTINGS[key]}
+             if key not in _LATER_SETTINGS or value != getattr(defaults, key)}
     return {"train": train, "recipe": recipe.describe(), "n_train": n_train,
             "model": model_config.to_dict() if model_config else None}
 
