@@ -65,13 +65,17 @@ def test_training_sets_the_stem_from_its_data_keeps_it_frozen_and_resumes(tmp_pa
     train(interrupted, data, None, CONFIG, tmp_path / "cut", progress=False,
           stop_after_steps=256 // 32 + 3)
     resumed = _speedrun(seed=7)  # another init: the stem must come from the checkpoint
+
+    def not_again(x):
+        raise AssertionError("a resumed run recomputed the stem from the data")
+
+    resumed.net.init_from_data = not_again
     train(resumed, data, None, CONFIG, tmp_path / "cut", progress=False)
     for name, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     loaded, _ = load_model(tmp_path / "ref" / CHECKPOINT_NAME)
     x = data.images[:8].float() / 255
     torch.testing.assert_close(loaded(x), model(x))
-
 
 
 def test_flip_tta_averages_the_mirror_in_eval_mode_only_and_training_records_both(tmp_path):

@@ -353,14 +353,15 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     distributed.check_same(fingerprint, "the training settings, data size and model", context)
 
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-    init_from_data(model, train_data, config.seed)  # replaced by the checkpoint's on resume
+    start_epoch, elapsed = 0, 0.0
+    blob, history = distributed.on_main(
+        lambda: _resume_state(ckpt_path, metrics_path, fingerprint, resume, run_dir), context)
+    if blob is None:  # a resumed run takes the data-dependent initialisation from its checkpoint
+        init_from_data(model, train_data, config.seed)
     model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(_param_groups(model, config), lr=config.lr,
                                 momentum=config.momentum, nesterov=config.nesterov,
                                 weight_decay=config.weight_decay)
-    start_epoch, elapsed = 0, 0.0
-    blob, history = distributed.on_main(
-        lambda: _resume_state(ckpt_path, metrics_path, fingerprint, resume, run_dir), context)
     if blob is not None:
         model.load_state_dict(blob["model_state"])
         optimizer.load_state_dict(blob["optimizer_state"])
