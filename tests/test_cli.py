@@ -87,6 +87,40 @@ through = "bpda"
 """
 
 
+def test_evaluate_tta_overrides_the_checkpoint_s_own(tmp_path, _trained_compact, capsys):
+    """`evaluate` scores a checkpoint with its own test-time augmentation; `--tta none` takes it
+    off and `--tta flip` puts it back, as the same weights with that tta score in-process."""
+    import dataclasses
+    import json
+
+    from gradshield.checkpoint import save_checkpoint
+    from gradshield.data import load_dataset
+    from gradshield.metrics import predict
+    from tests.conftest import data_dir
+
+    flipped = dataclasses.replace(_trained_compact.config, tta="flip")
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, {"model_config": flipped.to_dict(),
+                                 "model_state": _trained_compact.state_dict()})
+    test = load_dataset("cifar10", data_dir())[1].subset(300, seed=0).as_float()
+
+    def accuracy(tta: str) -> float:
+        model = _trained_compact.__class__(_trained_compact.net, dataclasses.replace(flipped, tta=tta))
+        return float((predict(model.eval(), test[0], 300) == test[1]).float().mean())
+
+    results = {}
+    for option in ([], ["--tta", "none"], ["--tta", "flip"]):
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", str(checkpoint), "--data-dir", str(data_dir()),
+                     "--test-limit", "300", *option]) == 0
+        results[" ".join(option)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results[""]["tta"] == results["--tta flip"]["tta"] == "flip"
+    assert results["--tta none"]["tta"] == "none"
+    # other batch sizes round differently: a near-tie may go the other way
+    for option, tta in (("", "flip"), ("--tta flip", "flip"), ("--tta none", "")):
+        assert abs(results[option]["clean_accuracy"] - accuracy(tta)) <= 1 / 300, option
+
+
 def test_evaluate_with_and_without_gcm_then_compare_in_one_report(tmp_path, _trained_compact, capsys):
     """The CLI path end to end: `evaluate --suite` on a checkpoint file, once as is and once with
     `--gcm front`, then `report a.db b.db`: white-box FGSM looks much stronger against GCM

@@ -106,6 +106,27 @@ def test_flip_tta_averages_the_mirror_in_eval_mode_only_and_training_records_bot
     assert loaded.config.tta == "flip"
 
 
+def test_flip_translate_tta_is_airbench_six_views_weighted():
+    """Half the mirror mean of the image, a quarter each of the mirror means of the image shifted
+    one pixel diagonally either way with reflected borders; the shifts built here with numpy."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = create_model("speedrun", num_classes=4, width=0.25, tta="flip-translate").eval()
+    x = _correlated(5)
+    z = model.normalize(x)
+    padded = torch.from_numpy(np.pad(z.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect"))
+    views = [z, padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    with torch.no_grad():
+        mirror = [(model.net(v) + model.net(v.flip(3))) / 2 for v in views]
+        expected = 0.5 * mirror[0] + 0.25 * mirror[1] + 0.25 * mirror[2]
+        torch.testing.assert_close(model(x), expected)
+        assert not torch.allclose(model(x), mirror[0])  # the shifted views do count
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.net(z))
+
+
 def test_an_unknown_tta_is_a_clear_error():
     with pytest.raises(GradshieldError, match="tta must be"):
         create_model("compact", tta="rotate")

@@ -94,6 +94,14 @@ def _load_data(args: argparse.Namespace, *, subset: bool = True):
     return train, test.subset(args.test_limit, seed=args.seed)
 
 
+TTA_CHOICES = ("none", "flip", "flip-translate")
+
+
+def _tta(choice: str) -> str:
+    """A ``--tta`` choice as the model config stores it ("none" is "")."""
+    return "" if choice == "none" else choice
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from gradshield.models import list_models
     from gradshield.training import TrainConfig
@@ -105,10 +113,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             "models` describes them) (default: %(default)s, the 2-core CPU net)")
     model.add_argument("--width", type=float, default=1.0,
                        help="channel-width multiplier (default: %(default)s)")
-    model.add_argument("--tta", choices=("none", "flip"), default="none",
+    model.add_argument("--tta", choices=TTA_CHOICES, default="none",
                        help="test-time augmentation stored with the model: flip = the mean of the "
-                            "logits of each image and its mirror in eval mode (evaluation and every "
-                            "attack then use it; the metrics also record the bare accuracy)")
+                            "logits of each image and its mirror in eval mode; flip-translate = "
+                            "airbench94's 6 views (flips of the image and of its 1-pixel diagonal "
+                            "shifts); evaluation and every attack then use it; the metrics also "
+                            "record the bare accuracy")
     opt = parser.add_argument_group(
         "optimisation", "unset options take the --preset's value, else gradshield's default")
     from gradshield.training import PRESETS
@@ -260,7 +270,7 @@ def _train(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     model = create_model(args.model, num_classes=train_data.num_classes, width=args.width,
                          input_size=tuple(train_data.image_shape[1:]),
-                         tta="" if args.tta == "none" else args.tta,
+                         tta=_tta(args.tta),
                          **dataset_normalization(args.dataset)).to(device)
     started = time.perf_counter()
     history = train(model, train_data, test_data, config, args.out, recipe=recipe,
@@ -318,7 +328,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for (start, stop), x in zip(ranges, examples.batches(ranges), strict=True):
         pred = predict(model, x.to(device), args.batch_size).cpu()
         correct += int((pred == examples.labels[start:stop]).sum())
-    result = {**described, "arch": model.config.arch, "examples": len(examples),
+    result = {**described, "arch": model.config.arch, "tta": model.config.tta or "none",
+              "examples": len(examples),
               "clean_accuracy": correct / len(examples), "seed": args.seed}
     if distributed.current().main:
         print(json.dumps(result))
@@ -336,7 +347,7 @@ def load_evaluated_model(args: argparse.Namespace):
         from gradshield.checkpoint import load_model
 
         model, _ = load_model(args.checkpoint)
-        return model, {"checkpoint": str(args.checkpoint)}
+        return _with_tta(model, args), {"checkpoint": str(args.checkpoint)}
     if not args.model:
         raise GradshieldError("evaluate needs --checkpoint FILE (written by gradshield train) or "
                               "--model NAME --weights FILE (torchvision:NAME, timm:NAME, "
@@ -356,10 +367,21 @@ def load_evaluated_model(args: argparse.Namespace):
         else:
             classes = _load_data(args, subset=False)[1].num_classes
     options = {"input_size": image_size(args)} if image_size(args) else {}
-    model = create_model(args.model, num_classes=classes, weights=args.weights, **options).eval()
+    model = _with_tta(create_model(args.model, num_classes=classes, weights=args.weights,
+                                   **options).eval(), args)
     weights = Path(args.weights)
     return model, {"model_name": model.config.arch, "weights": str(weights),
                    "weights_sha256": sha256_file(weights) if weights.is_file() else None}
+
+
+def _with_tta(model, args: argparse.Namespace):
+    """``model`` with the test-time augmentation of ``--tta`` instead of its own, if given."""
+    if getattr(args, "tta", None) is None:
+        return model
+    import dataclasses
+
+    model.config = dataclasses.replace(model.config, tta=_tta(args.tta))
+    return model
 
 
 def evaluation_data(args: argparse.Namespace, model):
@@ -457,7 +479,8 @@ def evaluate_suite(args: argparse.Namespace) -> int:
     name = (Path(args.checkpoint).resolve().parent.name if args.checkpoint
             else args.model.replace(":", "-").replace("/", "-"))
     db = args.db or Path("runs/evaluate") / (
-        f"{suite.name}-{name}" + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
+        f"{suite.name}-{name}" + (f"-tta-{args.tta}" if args.tta else "")
+        + (f"-gcm-{args.gcm.replace(',', '+')}" if args.gcm else "") + ".db")
     if args.checkpoint:
         from gradshield.data import sha256_file
 
@@ -644,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed choosing the --test-limit subset (default: %(default)s)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default=None,
+                   help="evaluate (and attack) the same weights with this test-time augmentation "
+                        "instead of the model's own (default: the checkpoint's; none for --model)")
     _add_data_options(p, train=False)
     _add_suite_options(p)
     p.set_defaults(func=cmd_evaluate)

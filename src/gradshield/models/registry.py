@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gradshield.errors import GradshieldError
 
@@ -106,8 +107,8 @@ class ModelConfig:
     evaluation, from the model's own config where it has one (``resize``: the shorter side in
     pixels before the center crop to ``input_size``; ``interpolation``: ``bilinear`` or
     ``bicubic``); empty: resize straight to ``input_size``.
-    ``tta``: test-time augmentation in eval mode: "" (none) or "flip" (the mean of the logits of
-    the image and its horizontal mirror; every attack then attacks that mean). Training mode
+    ``tta``: test-time augmentation in eval mode (see :func:`test_time_augmented`): "" (none),
+    "flip" or "flip-translate"; every attack then attacks the augmented model. Training mode
     always runs the bare network.
     """
 
@@ -160,12 +161,31 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
-        if self.config.tta == "flip" and not self.training:
-            return (self.net(x) + self.net(x.flip(3))) / 2
+        if self.config.tta and not self.training:
+            return test_time_augmented(self.net, x, self.config.tta)
         return self.net(x)
 
 
-TTA_MODES = ("", "flip")
+TTA_MODES = ("", "flip", "flip-translate")
+
+
+def _mirror_mean(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (net(x) + net(x.flip(3))) / 2
+
+
+def test_time_augmented(net: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """``net``'s logits averaged over views of ``x`` (N, C, H, W). ``flip``: the image and its
+    horizontal mirror (2 passes). ``flip-translate`` (airbench94's, ``tta_level=2`` in the
+    authors' ``airbench94.py``; Jordan 2024): half that mean, plus a quarter each of the same mean
+    for the image shifted diagonally by one pixel either way, the border reflected (6 passes)."""
+    if tta == "flip":
+        return _mirror_mean(net, x)
+    if tta != "flip-translate":
+        raise GradshieldError(f"tta must be '' (none), 'flip' or 'flip-translate', got {tta!r}")
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (_mirror_mean(net, padded[..., :h, :w]) + _mirror_mean(net, padded[..., 2:, 2:])) / 2
+    return (_mirror_mean(net, x) + shifted) / 2
 
 
 def build_model(config: ModelConfig) -> NormalizedClassifier:
@@ -182,7 +202,7 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
     if config.width <= 0:
         raise GradshieldError(f"width multiplier must be > 0, got {config.width}")
     if config.tta not in TTA_MODES:
-        raise GradshieldError(f"tta must be '' (none) or 'flip', got {config.tta!r}")
+        raise GradshieldError(f"tta must be '' (none), 'flip' or 'flip-translate', got {config.tta!r}")
     if len(config.mean) != len(config.std) or any(s <= 0 for s in config.std):
         raise GradshieldError(f"bad normalisation mean={config.mean} std={config.std}")
     if family is not None:
