@@ -127,6 +127,24 @@ def test_flip_translate_tta_is_airbench_six_views_weighted():
         torch.testing.assert_close(model(x), model.net(z))
 
 
+def test_results_files_tell_the_same_weights_with_another_tta_apart():
+    """A stored run's model fingerprint covers the test-time augmentation, so a results file made
+    with one is never resumed with another; a model without any keeps its earlier fingerprint."""
+    import dataclasses
+
+    from gradshield.evaluation.store import model_fingerprint
+
+    torch.manual_seed(0)
+    bare = create_model("speedrun", num_classes=4, width=0.25)
+    prints = {model_fingerprint(bare)}
+    for tta in ("flip", "flip-translate"):
+        bare.config = dataclasses.replace(bare.config, tta=tta)
+        prints.add(model_fingerprint(bare))
+    assert len(prints) == 3
+    assert "tta" not in repr(create_model("speedrun", num_classes=4, width=0.25))
+    assert "tta=flip-translate" in repr(bare)
+
+
 def test_an_unknown_tta_is_a_clear_error():
     with pytest.raises(GradshieldError, match="tta must be"):
         create_model("compact", tta="rotate")

@@ -159,6 +159,10 @@ class NormalizedClassifier(nn.Module):
         self.net = net
         self.config = config
 
+    def extra_repr(self) -> str:
+        # in the repr, so results files (fingerprinted by repr and weights) tell TTA models apart
+        return f"tta={self.config.tta}" if self.config.tta else ""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
         if self.config.tta and not self.training:
