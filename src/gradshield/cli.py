@@ -17,6 +17,7 @@ import torch
 
 from gradshield import __version__, distributed
 from gradshield.errors import GradshieldError
+from gradshield.models.registry import TTA_MODES
 
 MAIN_HELP = """gradshield: gradient-based adversarial defenses (GCM, FGR) and their honest evaluation.
 
@@ -94,7 +95,7 @@ def _load_data(args: argparse.Namespace, *, subset: bool = True):
     return train, test.subset(args.test_limit, seed=args.seed)
 
 
-TTA_CHOICES = ("none", "flip", "flip-translate")
+TTA_CHOICES = tuple(mode or "none" for mode in TTA_MODES)
 
 
 def _tta(choice: str) -> str:
@@ -376,7 +377,7 @@ def load_evaluated_model(args: argparse.Namespace):
 
 def _with_tta(model, args: argparse.Namespace):
     """``model`` with the test-time augmentation of ``--tta`` instead of its own, if given."""
-    if getattr(args, "tta", None) is None:
+    if args.tta is None:
         return model
     import dataclasses
 

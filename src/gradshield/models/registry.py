@@ -165,12 +165,16 @@ class NormalizedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
-        if self.config.tta and not self.training:
-            return test_time_augmented(self.net, x, self.config.tta)
-        return self.net(x)
+        return self.net(x) if self.training else test_time_augmented(self.net, x, self.config.tta)
 
 
 TTA_MODES = ("", "flip", "flip-translate")
+
+
+def check_tta(tta: str) -> None:
+    """A clear error unless ``tta`` is one of :data:`TTA_MODES`."""
+    if tta not in TTA_MODES:
+        raise GradshieldError(f"tta must be '' (none), 'flip' or 'flip-translate', got {tta!r}")
 
 
 def _mirror_mean(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -178,14 +182,15 @@ def _mirror_mean(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_time_augmented(net: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """``net``'s logits averaged over views of ``x`` (N, C, H, W). ``flip``: the image and its
-    horizontal mirror (2 passes). ``flip-translate`` (airbench94's, ``tta_level=2`` in the
+    """``net``'s logits averaged over views of ``x`` (N, C, H, W). "": ``x`` alone. ``flip``: the
+    image and its horizontal mirror (2 passes). ``flip-translate`` (airbench94's, ``tta_level=2`` in the
     authors' ``airbench94.py``; Jordan 2024): half that mean, plus a quarter each of the same mean
     for the image shifted diagonally by one pixel either way, the border reflected (6 passes)."""
+    check_tta(tta)
+    if not tta:
+        return net(x)
     if tta == "flip":
         return _mirror_mean(net, x)
-    if tta != "flip-translate":
-        raise GradshieldError(f"tta must be '' (none), 'flip' or 'flip-translate', got {tta!r}")
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
     shifted = (_mirror_mean(net, padded[..., :h, :w]) + _mirror_mean(net, padded[..., 2:, 2:])) / 2
@@ -205,8 +210,7 @@ def build_model(config: ModelConfig) -> NormalizedClassifier:
         raise GradshieldError(f"num_classes must be >= 2, got {config.num_classes}")
     if config.width <= 0:
         raise GradshieldError(f"width multiplier must be > 0, got {config.width}")
-    if config.tta not in TTA_MODES:
-        raise GradshieldError(f"tta must be '' (none), 'flip' or 'flip-translate', got {config.tta!r}")
+    check_tta(config.tta)
     if len(config.mean) != len(config.std) or any(s <= 0 for s in config.std):
         raise GradshieldError(f"bad normalisation mean={config.mean} std={config.std}")
     if family is not None:
