@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import platform
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gradshield.errors import GradshieldError
+from gradshield.machine import cpu_family, cpu_name  # noqa: F401 (the benchmarks import them from here)
 from gradshield.paths import cache_dir
 
 
@@ -69,46 +68,6 @@ def images(n: int, split: str = "test"):
 def batch(n: int):
     """(images, labels, description): ``n`` test images."""
     return (*images(n), dataset()[2])
-
-
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (else what the platform module knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_family() -> str:
-    """A file-name slug for the CPU family: vendor, widest vector unit torch uses, and the bf16
-    matrix instructions present, e.g. ``amd-avx512-bf16`` or ``intel-amx-bf16``."""
-    name = cpu_name().lower()
-    vendor = next((v for v in ("amd", "intel", "arm", "apple") if v in name), platform.machine().lower())
-    flags = cpu_flags()
-    if {"amx_bf16", "amx_tile"} <= flags:
-        vector = "amx"
-    elif "avx512f" in flags:
-        vector = "avx512"
-    elif "avx2" in flags:
-        vector = "avx2"
-    else:
-        vector = (torch.backends.cpu.get_cpu_capability() or "default").lower()
-    bf16 = "-bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else ""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{vendor}-{vector}{bf16}")
 
 
 def fastest_layout(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Where one training step's time goes: every aten operation timed as it runs, by op and shape.
+"""Where one training step's time goes: every aten operation timed as it runs, by op, shape
+and the inputs' memory layouts.
 
 A ``TorchDispatchMode`` wraps each operation of a training step (recipe loss + backward + SGD
 update, train mode, channels-last, bf16 autocast where the training loop would use it) with a
@@ -27,8 +28,21 @@ from gradshield.models import create_model
 from gradshield.training import bf16_is_fast
 
 
+def layout(t: torch.Tensor) -> str:
+    """``nchw`` (contiguous), ``cl`` (channels-last), ``bcast`` (expanded: a zero stride) or
+    ``strided``; scalars and vectors are ``-``."""
+    if t.dim() < 2:
+        return "-"
+    if t.is_contiguous():
+        return "nchw"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "cl"
+    return "bcast" if 0 in t.stride() else "strided"
+
+
 class OperationTimer(TorchDispatchMode):
-    """Seconds spent in each (op, first input's shape, dtype) and how often it ran."""
+    """Seconds spent in each (op, first input's shape, dtype, the tensor inputs' layouts) and how
+    often it ran: a mix of layouts in one element-wise operation is several times slower."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -40,8 +54,9 @@ class OperationTimer(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         elapsed = time.perf_counter() - start
         first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        layouts = ",".join(layout(a) for a in args if isinstance(a, torch.Tensor))
         key = (func.__name__, tuple(first.shape) if first is not None else (),
-               str(first.dtype).removeprefix("torch.") if first is not None else "")
+               str(first.dtype).removeprefix("torch.") if first is not None else "", layouts)
         self.seconds[key] += elapsed
         self.calls[key] += 1
         return out
@@ -75,16 +90,16 @@ def main(argv=None) -> None:
     print(f"{args.recipe} on {args.model}, batch {args.batch}, bf16 {bf16}: {wall * 1e3:.1f} ms per "
           f"step, {total * 1e3:.1f} ms inside operations")
     by_op = collections.defaultdict(float)
-    for (name, _, _), seconds in timer.seconds.items():
+    for (name, *_), seconds in timer.seconds.items():
         by_op[name] += seconds / args.repeats
     print("\nper operation (ms per step):")
     for name, seconds in sorted(by_op.items(), key=lambda item: -item[1])[:20]:
         print(f"  {name:40s} {seconds * 1e3:8.2f}")
-    print("\nper operation and first input (ms per step, calls per step):")
+    print("\nper operation, first input and the inputs' layouts (ms per step, calls per step):")
     for key, seconds in sorted(timer.seconds.items(), key=lambda item: -item[1])[:args.top]:
-        name, shape, dtype = key
-        print(f"  {name:40s} {shape!s:22s} {dtype:9s} {seconds / args.repeats * 1e3:8.2f}  "
-              f"x{timer.calls[key] // args.repeats}")
+        name, shape, dtype, layouts = key
+        print(f"  {name:40s} {shape!s:22s} {dtype:9s} {layouts:16s} "
+              f"{seconds / args.repeats * 1e3:8.2f}  x{timer.calls[key] // args.repeats}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The performance harness: cost ratios measured in one run, one table per CPU family,
-results/performance-<family>.* (``amd-avx512-bf16``, ``intel-amx-bf16``: :func:`_common.cpu_family`).
+results/performance-<family>.* (``amd-avx512-bf16``, ``intel-amx-bf16``:
+:func:`gradshield.machine.cpu_family`).
 
 Everything compared in one figure runs in the same process with its repeats interleaved
 round-robin, so a load change on the shared machine hits all of them alike; a figure is the ratio
@@ -61,6 +62,7 @@ from torch.nn import functional as F
 
 from _common import cpu_family, cpu_name, dataset, ideal, ideal_forward, images, load, time_interleaved
 from gradshield.attacks import AttackResult, apgd, cw_l2, flow_pgd, pgd, square
+from gradshield.machine import keep_freed_memory
 from gradshield.training import TrainConfig, bf16_is_fast, use_bf16
 from gradshield.warp import normalized_to_pixels
 
@@ -461,7 +463,7 @@ def build(section: str, config: Config, checkpoint, warm: bool = True) -> list[R
 
 # ----------------------------------------------------------------------------- reporting
 
-def machine(device: str = "cpu") -> dict:
+def machine(device: str = "cpu", kept: bool = False) -> dict:
     cpu = cpu_name()
     peers = {}
     for package in PEERS:
@@ -472,8 +474,15 @@ def machine(device: str = "cpu") -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_autocast": bf16_is_fast(),
-            "peers": peers, "device": device,
+            "peers": peers, "device": device, "allocator": "kept" if kept else "system",
             "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None}
+
+
+ALLOCATOR = {
+    "kept": "glibc malloc keeping freed memory (`gradshield.machine.keep_freed_memory`, as the "
+            "`gradshield` command runs; `benchmarks/bench_allocator.py` measures what it changes)",
+    "system": "the C library's default settings",
+}
 
 
 def fmt_target(check) -> str:
@@ -576,6 +585,7 @@ def markdown(state, notes: str, stem: str) -> str:
               f"- CPU: {m['cpu']}, {m['cores']} cores; torch {m['torch']} with {m['torch_threads']} threads "
               f"(CPU capability {m['cpu_capability']}; bf16 autocast in training: {m['bf16_autocast']}); "
               f"Python {m['python']}",
+              f"- allocator: {ALLOCATOR[m.get('allocator', 'system')]}",
               *([f"- device: {m['device']} ({m['gpu']}); times from CUDA events, memory from "
                  "torch.cuda.max_memory_allocated"] if m.get("gpu") else []),
               f"- peers: {peers}",
@@ -710,6 +720,7 @@ def main(argv=None) -> None:
                      f"available here: {torch.cuda.is_available()}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as the gradshield command runs (GRADSHIELD_MALLOC=system: not)
     config = make_config(args)
     if args.memory_child:
         section, thing = args.memory_child.split("|")
@@ -739,7 +750,7 @@ def main(argv=None) -> None:
         if state["settings"] != settings:
             sys.exit(f"--resume: {out / (stem + '.json')} was made with other settings "
                      f"({state['settings']}); rerun without --resume or with the same flags")
-    state["machine"] = machine(config.device)
+    state["machine"] = machine(config.device, kept)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     state["commands"].append({"command": " ".join([".venv/bin/python benchmarks/run.py", *sys.argv[1:]]),
                               "started": started, "tagged": True,

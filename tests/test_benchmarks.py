@@ -59,3 +59,16 @@ def test_an_unavailable_device_is_a_clear_error(tmp_path):
     assert done.returncode == 2
     assert f"--device {device}" in done.stderr and "CUDA is available here" in done.stderr
     assert not list(tmp_path.glob("performance*.json"))
+
+
+def test_allocator_benchmark_times_each_case_with_and_without_kept_memory(tmp_path):
+    out = tmp_path / "allocator.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_allocator.py"), "--rounds", "1",
+               "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["family"] == cpu_family() and len(result["cases"]) == 4
+    for case in result["cases"].values():
+        assert all(t > 0 for t in case["kept_s"] + case["system_s"])
+        assert case["kept / system"] == round(case["kept_s"][0] / case["system_s"][0], 3)

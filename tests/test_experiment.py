@@ -64,6 +64,9 @@ def test_experiment_report_holds_every_rate_with_its_interval_and_rerenders_iden
     assert markdown.count("(") > 20  # ...and interval
     assert "**GCM keeps clean accuracy** — " in markdown and (out / "tiny-signs.png").is_file()
     assert "gradshield experiment" in markdown  # names the command that regenerates it
+    from gradshield.machine import cpu_name
+    assert f"Trained on (recorded with each epoch's metrics; a model named twice was resumed " \
+           f"elsewhere): cpu: {cpu_name()}" in markdown and ", float32: vanilla." in markdown
     first_md, first_json = markdown, (out / "tiny.json").read_text()
     (out / "tiny.md").unlink()
     assert main(["report", "--experiment", str(path), "--work-dir", str(work), "--out",

@@ -1,7 +1,5 @@
 """``python -m gradshield`` is the ``gradshield`` command."""
 
-import sys
+from gradshield.cli import run
 
-from gradshield.cli import main
-
-sys.exit(main())
+run()

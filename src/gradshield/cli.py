@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gradshield import __version__, distributed
+from gradshield import __version__, distributed, machine
 from gradshield.errors import GradshieldError
 from gradshield.models.registry import TTA_MODES
 
@@ -768,5 +768,12 @@ def main(argv: list[str] | None = None) -> int:
             distributed.shutdown()
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``gradshield`` command's process: tune the allocator for it (process-wide, so not in
+    :func:`main`, which tests and other programs call in their own process), then run ``main``."""
+    machine.keep_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

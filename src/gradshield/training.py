@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradshield import distributed
+from gradshield import distributed, machine
 from gradshield.checkpoint import read_checkpoint, save_checkpoint
 from gradshield.data import ImageData, iterate_batches
 from gradshield.defenses.recipes import Recipe, StandardRecipe
@@ -378,6 +378,7 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
     if config.schedule == "linear":
         warmup_steps = max(1, warmup_steps)
     bf16 = use_bf16(config, device)
+    where = machine.describe(device, bf16=bf16, processes=context.world_size)
     progress = progress and context.main
     steps_done = 0
     with contextlib.ExitStack() as stack:
@@ -429,7 +430,8 @@ def train(model: nn.Module, train_data: ImageData, test_data: ImageData | None,
             loss_sum, seen = distributed.all_sum([loss_sum, seen], context)
             elapsed += time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": loss_sum / max(1, seen),
-                   "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2)}
+                   "lr_end": optimizer.param_groups[0]["lr"], "elapsed_s": round(elapsed, 2),
+                   "machine": where}
             if test_data is not None:  # not counted in elapsed_s (training time only)
                 t1 = time.perf_counter()
                 row["test_acc"] = _test_accuracy(model, test_data, device, memory_format, context)

@@ -479,8 +479,8 @@ def diagnostics_section(entry, experiment, workspace) -> Section:
 
 def training_section(entry, experiment, workspace) -> Section:
     rows, finals = [], defaultdict(list)
-    histories = {model: [r for r in _history(workspace, model) if "test_acc" in r]
-                 for model in experiment.expand(entry["models"], "training")}
+    raw = {model: _history(workspace, model) for model in experiment.expand(entry["models"], "training")}
+    histories = {model: [r for r in rows if "test_acc" in r] for model, rows in raw.items()}
     # a model evaluated with flip test-time augmentation also records its bare accuracy
     tta = any("test_acc_plain" in h[-1] for h in histories.values() if h)
     for model, history in histories.items():
@@ -506,7 +506,20 @@ def training_section(entry, experiment, workspace) -> Section:
             blocks.append(("text", f"{group}{what}: mean {100 * mean:.2f} %, standard deviation "
                                    f"{100 * spread:.2f} points over {len(values)} seeds "
                                    f"(min {100 * min(values):.2f}, max {100 * max(values):.2f})."))
+    blocks.append(("text", _machines_text(raw)))
     return _section(entry, blocks)
+
+
+def _machines_text(histories: dict[str, list[dict]]) -> str:
+    """Which machine each model's epochs ran on (the training times are that machine's)."""
+    where: dict[str, list[str]] = defaultdict(list)
+    for model, history in histories.items():
+        if history:
+            for name in dict.fromkeys(r.get("machine", "not recorded") for r in history):
+                where[name].append(model)
+    lines = [f"{name}: {', '.join(models)}" for name, models in where.items()]
+    return "Trained on (recorded with each epoch's metrics; a model named twice was resumed "\
+           "elsewhere): " + ("; ".join(lines) if lines else "nothing trained yet") + "."
 
 
 # --------------------------------------------------------------------------- assembly
