@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from gradshield.errors import GradshieldError
-from gradshield.machine import cpu_family, cpu_name  # noqa: F401 (the benchmarks import them from here)
 from gradshield.paths import cache_dir
 
 

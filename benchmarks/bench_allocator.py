@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
         print(json.dumps(child(args.child == "kept", args.repeats)))
         return {}
 
-    from _common import cpu_family, cpu_name
+    from gradshield.machine import cpu_family, cpu_name
 
     runs = {"kept": [], "system": []}
     for r in range(args.rounds):

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from _common import cpu_name, dataset, load
+from _common import dataset, load
+from gradshield.machine import cpu_name
 
 SUITE = """
 name = "bench"

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_family, cpu_name, ideal, time_interleaved
+from _common import ideal, time_interleaved
+from gradshield.machine import cpu_family, cpu_name
 
 STEPS, BATCH = 10, 16
 

@@ -60,9 +60,9 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from _common import cpu_family, cpu_name, dataset, ideal, ideal_forward, images, load, time_interleaved
+from _common import dataset, ideal, ideal_forward, images, load, time_interleaved
 from gradshield.attacks import AttackResult, apgd, cw_l2, flow_pgd, pgd, square
-from gradshield.machine import keep_freed_memory
+from gradshield.machine import cpu_family, cpu_name, keep_freed_memory
 from gradshield.training import TrainConfig, bf16_is_fast, use_bf16
 from gradshield.warp import normalized_to_pixels
 

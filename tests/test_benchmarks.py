@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from gradshield.machine import cpu_family
 
-from _common import cpu_family  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tables_are_named_by_cpu_family():

@@ -12,26 +12,25 @@ from pathlib import Path
 import torch
 
 
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (else what the platform module knows)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else what the platform module knows)."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> set[str]:
     """The instruction-set flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_family(name: str | None = None, flags: set[str] | None = None) -> str:
