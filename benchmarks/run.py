@@ -124,6 +124,19 @@ class Row:
     settings: dict
     warmup: bool = True  # one untimed call of each runner first (kernel caches, allocator)
     repeat_factor: int = 1
+    model: torch.nn.Module | None = None  # attack rows: count each runner's passes through it
+
+
+def forward_passes(model: torch.nn.Module, run, batch: int) -> float:
+    """Images ``run()`` sends through ``model``'s forward, in batches of ``batch``: the work each
+    thing compared does (a peer that stops early does fewer passes than its step count)."""
+    seen = [0]
+    handle = model.register_forward_hook(lambda m, args, out: seen.__setitem__(0, seen[0] + len(args[0])))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0] / batch
 
 
 @dataclass
@@ -163,7 +176,7 @@ def attack_rows(s: Setup, peer: str, make_peer, make_ours, ideal_run, budgets: d
                 "gradshield": make_ours(budget, labels)}
         checks = [("gradshield", peer, TARGET_VS_PEER, "<="), ("gradshield", "ideal", TARGET_VS_IDEAL, "<=")]
         rows.append(Row(row, runs, checks, {unit: budget, "labels": "predicted" if row == "overhead"
-                                            else "true", "batch": len(labels)}))
+                                            else "true", "batch": len(labels)}, model=s.model))
     return rows
 
 
@@ -387,9 +400,13 @@ ITEMS = {name[5:]: fn for name, fn in globals().items() if name.startswith("item
 # ----------------------------------------------------------------------------- measuring
 
 def measure(row: Row, repeats: int, device: str = "cpu") -> dict:
-    if row.warmup:
-        for run in row.runs.values():
-            run()
+    passes = {}
+    if row.warmup:  # the untimed first call of each runner also counts its forward passes
+        for name, run in row.runs.items():
+            if row.model is None:
+                run()
+            else:
+                passes[name] = forward_passes(row.model, run, row.settings["batch"])
     times, outputs = time_interleaved(row.runs, repeats * row.repeat_factor, torch.device(device))
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
@@ -404,7 +421,8 @@ def measure(row: Row, repeats: int, device: str = "cpu") -> dict:
     return {"row": row.name, "settings": row.settings, "checks": checks,
             "times": {k: {"median_s": med[k], "min_s": low[k], "all_s": [round(t, 4) for t in v]}
                       for k, v in times.items()},
-            "fooled": {k: out.success_rate for k, out in outputs.items() if isinstance(out, AttackResult)}}
+            "fooled": {k: out.success_rate for k, out in outputs.items() if isinstance(out, AttackResult)},
+            **({"forward_passes": passes} if passes else {})}
 
 
 COMPARE = {"<=": operator.le, "<": operator.lt}
@@ -562,6 +580,9 @@ def describe(row) -> str:
     """A row's settings (and gradshield's success rate, 0 in an overhead row) in one line."""
     items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row["settings"].items()]
     items += [f"{k} fooled {v:.1%}" for k, v in row["fooled"].items()]
+    if row.get("forward_passes"):
+        items.append("forward passes over the batch: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in row["forward_passes"].items()))
     return ", ".join(items)
 
 
@@ -607,6 +628,9 @@ def markdown(state, notes: str, stem: str) -> str:
               "pyautoattack's APGD runs every example for all iterations, gradshield's stops an example at "
               "its first success (the `real` row). torchattacks' C&W stops "
               "early when its summed cost rises at a check (every steps/10), gradshield's runs every step. "
+              "Forward passes (attack rows, in the settings below): the images each thing sent through "
+              "the model's forward during its untimed first call, counted by a hook, over the batch size "
+              "— the work actually done, so a ratio between things that did different work shows as such. "
               "Training steps as "
               "`benchmarks/bench_training_step.py` (recipe loss + backward + SGD step, train mode, "
               "channels-last, the loop's precision). Data: one epoch of `iterate_batches` with shuffle and "

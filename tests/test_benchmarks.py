@@ -37,8 +37,15 @@ def test_run_quick_writes_json_and_markdown_and_redoes_a_section(tmp_path):
                 assert math.isfinite(times["median_s"]) and times["median_s"] > 0
             for check in row["checks"]:
                 assert math.isfinite(check["value"]) and check["value"] > 0
+    # attack rows count the work each thing did: the ideal makes one forward per query
+    for row in state["sections"]["compact/square"]["rows"]:
+        passes = row["forward_passes"]
+        assert set(passes) == set(row["times"])
+        assert passes["ideal"] == row["settings"]["max_queries"]
+        assert all(v > 0 for v in passes.values())
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert "## Notes on misses" in markdown and "compact/square" in markdown
+    assert "forward passes over the batch: ideal" in markdown
 
     # --resume --redo --only: that section is measured again, every other one is kept as it was
     redo = [*command[:-4], "--only", "gcm", "--out", str(tmp_path), "--resume", "--redo"]
