@@ -228,3 +228,24 @@ def test_adaptive_attacks_through_gcm_and_worst_case_mode(tmp_path, trained_mode
     last = compare_runs(tmp_path / "gcm.db", tmp_path / "worst.db")["attacks"][-1]
     assert last["b_robust_accuracy"] == worst["worst_case_robust_accuracy"]
     assert last["only_b_robust"] == 0
+
+
+def test_results_file_records_each_machine_and_its_attack_time(tmp_path, trained_model, data, monkeypatch):
+    from gradshield.evaluation import runner
+    from gradshield.evaluation.store import compute_seconds
+    from gradshield.machine import cpu_name
+
+    x, y, classes = data
+    db = tmp_path / "r.db"
+    run = dict(seed=SUBSET_SEED, batch_size=24, classes=classes, progress="none", gradient_figure=False)
+    run_suite(trained_model, x[:24], y[:24], parse_suite(TINY), db, **run)
+    seconds, machines = compute_seconds(db)
+    assert machines == [load_run(db).meta["machine"]] and cpu_name() in machines[0]
+    with sqlite3.connect(db) as conn:  # the stored batches' own times, summed
+        assert seconds == pytest.approx(conn.execute("SELECT SUM(seconds) FROM batches").fetchone()[0])
+        assert seconds > 0
+        conn.execute("DELETE FROM batches WHERE aid = 2")  # as if killed before the last attack
+        conn.execute("DELETE FROM results WHERE aid = 2")
+    monkeypatch.setattr(runner, "describe", lambda *a, **k: "cpu: another machine")
+    run_suite(trained_model, x[:24], y[:24], parse_suite(TINY), db, **run)  # resumed there
+    assert compute_seconds(db)[1] == [machines[0], "cpu: another machine"]

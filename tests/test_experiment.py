@@ -4,6 +4,7 @@ resumed to the same per-example results, and every experiment in experiments/ ch
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -67,6 +68,13 @@ def test_experiment_report_holds_every_rate_with_its_interval_and_rerenders_iden
     from gradshield.machine import cpu_name
     assert f"Trained on (recorded with each epoch's metrics; a model named twice was resumed " \
            f"elsewhere): cpu: {cpu_name()}" in markdown and ", float32: vanilla." in markdown
+    # the cost of regenerating it: training from the epochs' records, attacks from the stored batches
+    from gradshield.evaluation.store import compute_seconds
+    stored = [compute_seconds(db)[0] for db in sorted((work / "runs").glob("*.db"))]
+    trained = json.loads((work / "models" / "vanilla" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"- **Compute**: training {trained['elapsed_s'] / 60:.1f} min, attacks " \
+           f"{sum(stored) / 60:.1f} min in {len(stored)} of {len(stored)} results files" in markdown
+    assert f"analyses not counted), on: cpu: {cpu_name()}" in markdown
     first_md, first_json = markdown, (out / "tiny.json").read_text()
     (out / "tiny.md").unlink()
     assert main(["report", "--experiment", str(path), "--work-dir", str(work), "--out",

@@ -436,7 +436,33 @@ def settings_section(entry, experiment, workspace, command: str) -> Section:
                 f"{key} over {', '.join(_short(p[key]) for p in members)}"
                 for key in sorted(spec.params))
         lines.append(f"- **Model {label}**: {how}.")
+    lines.append(f"- **Compute**: {compute_text(experiment, workspace)}")
     return _section(entry, [("text", "\n".join(lines))])
+
+
+def compute_text(experiment, workspace) -> str:
+    """What regenerating cost where it ran: training time from each trained model's epochs,
+    attack time from each results file's stored batches (evaluations and analyses excluded)."""
+    from gradshield.evaluation.store import compute_seconds
+
+    train_s, attack_s, files = 0.0, 0.0, 0
+    where: dict[str, None] = {}
+    for name, spec in experiment.models.items():
+        history = [r for r in _history(workspace, name) if "elapsed_s" in r] if spec.train else []
+        if history:
+            train_s += history[-1]["elapsed_s"]
+            where.update(dict.fromkeys(r.get("machine", "machine not recorded") for r in history))
+    for run in experiment.runs:
+        path = workspace.run_path(run)
+        if path.is_file():
+            seconds, machines = compute_seconds(path)
+            attack_s, files = attack_s + seconds, files + 1
+            where.update(dict.fromkeys(machines or ["machine not recorded"]))
+    if not files and not train_s:
+        return "nothing run yet."
+    return (f"training {train_s / 60:.1f} min, attacks {attack_s / 60:.1f} min in {files} of "
+            f"{len(experiment.runs)} results files (stored batch times; clean evaluations and "
+            f"analyses not counted), on: {'; '.join(where)}.")
 
 
 def _short(value) -> str:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradshield import distributed
 from gradshield.attacks.adaptive import bpda_default, marked_for_bpda, undefended
 from gradshield.attacks.base import AttackResult, is_adversarial
 from gradshield.data.examples import Examples, TensorExamples, as_examples, take
@@ -56,6 +57,7 @@ from gradshield.evaluation.store import (
 )
 from gradshield.evaluation.suites import AttackSpec, Suite, attack_function
 from gradshield.evaluation.summary import summarize
+from gradshield.machine import describe
 from gradshield.utils import derived_generator, eval_mode
 
 #: a data source that is not in memory is diagnosed on its first examples only
@@ -219,7 +221,9 @@ def run_suite(model: nn.Module, images: torch.Tensor | Examples, labels: torch.T
             "image_shape": list(image_shape), "classes": list(classes) if classes else None,
             "model": repr(model) if len(repr(model)) < 4000 else repr(model)[:4000] + "...",
             "bpda_modules": sum(marked_for_bpda(m) for m in model.modules()),
-            "data": data.description, **(info or {})}
+            "data": data.description,
+            "machine": describe(device, bf16=False, processes=distributed.current().world_size),
+            **(info or {})}
     specs = suite.attacks
     # a suite entry may name its own surrogate checkpoint (surrogate = "path/checkpoint.pt")
     named = {s.surrogate: _load_surrogate(s.surrogate, classes, image_shape).to(device) for s in specs

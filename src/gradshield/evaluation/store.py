@@ -121,6 +121,16 @@ def _uri(path: Path, mode: str) -> str:
     return f"file:{urllib.parse.quote(str(path.resolve()))}?mode={mode}"
 
 
+def compute_seconds(path: str | os.PathLike) -> tuple[float, list[str]]:
+    """(seconds the stored batches took to attack, the machines that ran them) of a results file."""
+    conn, meta = open_results(path, readonly=True)
+    try:
+        seconds = conn.execute("SELECT COALESCE(SUM(seconds), 0) FROM batches").fetchone()[0]
+    finally:
+        conn.close()
+    return float(seconds), meta.get("machines", [meta["machine"]] if "machine" in meta else [])
+
+
 def open_results(path: str | os.PathLike, *, readonly: bool = False) -> tuple[sqlite3.Connection, dict]:
     """Open an existing results file after checking it is one; returns (conn, meta)."""
     path = Path(path)
@@ -155,6 +165,10 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
         with conn:
             history = [*meta.get("commands", []), info.get("command", "")]
             conn.execute("REPLACE INTO meta VALUES ('commands', ?)", (json.dumps(history),))
+            machines = meta.get("machines", [meta["machine"]] if "machine" in meta else [])
+            if info.get("machine") and info["machine"] not in machines:  # resumed elsewhere
+                conn.execute("REPLACE INTO meta VALUES ('machines', ?)",
+                             (json.dumps([*machines, info["machine"]]),))
         return conn, True
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = _connect(path)
@@ -165,7 +179,8 @@ def create_or_resume(path: str | os.PathLike, identity: dict, info: dict, specs:
             if statement.strip():
                 conn.execute(statement)
         rows = {**info, **identity, "status": "running", "created": time.time(),
-                "commands": [info.get("command", "")]}
+                "commands": [info.get("command", "")],
+                **({"machines": [info["machine"]]} if info.get("machine") else {})}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in rows.items()])
         conn.executemany(
             "INSERT INTO attacks VALUES (?,?,?,?,?,?,?,?,?,?,?)",
