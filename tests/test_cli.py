@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gradshield.cli import build_parser, main, parse_options
+from gradshield.cli import _make_recipe, build_parser, main, parse_options
 from gradshield.errors import GradshieldError
 
 
@@ -59,11 +59,42 @@ def test_quickstart_trains_the_default_cpu_model_with_its_recipe():
     config = train_config(args)
     assert config.lookahead and config.flip == "alternating" and config.epochs == args.epochs
     assert build_parser().parse_args(["train"]).model == "compact"
-    experiment = Path(__file__).resolve().parents[1] / "experiments" / "training-cifar10.toml"
-    grid = {g["id"]: g for g in tomllib.loads(experiment.read_text())["grid"]}
+    assert _make_recipe(args).label_smoothing == 0.2  # the preset's, not a second spelling
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    grid = {g["id"]: g for g in tomllib.loads(
+        (experiments / "training-cifar10.toml").read_text())["grid"]}
     recipe = grid["speedrun"]["train"]
-    assert {key: recipe[key] for key in PRESETS["speedrun"]} == PRESETS["speedrun"]
-    assert recipe["options"] == {"label_smoothing": 0.2} and recipe["tta"] == "flip"
+    assert recipe["preset"] == "speedrun" and recipe["tta"] == "flip"
+    assert not set(recipe) & (set(PRESETS["speedrun"]) | {"options"})  # nothing re-spelt
+    vanilla = tomllib.loads((experiments / "gcm-cifar10.toml").read_text())["models"]["vanilla"]
+    assert vanilla["train"] == {"model": "speedrun", "preset": "speedrun"}
+
+
+@pytest.mark.parametrize("argv, defense, options", [
+    (["--preset", "speedrun"], "standard", {"label_smoothing": 0.2}),
+    (["--preset", "speedrun", "--defense-option", "label_smoothing=0.1"], "standard",
+     {"label_smoothing": 0.1}),  # the user's option wins
+    (["--preset", "speedrun", "--defense", "at"], "at", {}),  # not the AT recipe's option
+    (["--preset", "fgr-paper"], "standard", {}),
+    ([], "standard", {}),
+])
+def test_a_preset_sets_its_recipe_options_and_the_users_win(argv, defense, options):
+    from dataclasses import asdict
+
+    from gradshield.defenses.recipes import make_recipe
+
+    recipe = _make_recipe(build_parser().parse_args(["train", *argv]))
+    assert asdict(recipe) == asdict(make_recipe(defense, **options))
+
+
+def test_every_preset_option_is_an_option_of_its_recipe():
+    from gradshield.defenses.recipes import make_recipe
+    from gradshield.training import PRESET_OPTIONS, PRESETS
+
+    assert set(PRESET_OPTIONS) <= set(PRESETS)
+    for per_defense in PRESET_OPTIONS.values():
+        for defense, options in per_defense.items():
+            make_recipe(defense, **options)  # raises on an option the recipe lacks
 
 
 def test_evaluate_help_states_units(capsys):

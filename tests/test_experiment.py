@@ -196,3 +196,17 @@ def test_a_model_trained_with_other_settings_is_refused_not_reused(finished, tmp
 
         run_experiment(load_experiment(path), Workspace(work), progress="none",
                        data_dir=data_dir())
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"model": "speedrun", "preset": "speedrun"}, {"label_smoothing": 0.2}),
+    ({"model": "speedrun", "preset": "speedrun", "options": {"label_smoothing": 0.0}},
+     {"label_smoothing": 0.0}),  # the file's option wins over the preset's
+    ({"model": "compact"}, {"label_smoothing": 0.0}),
+])
+def test_an_experiment_model_gets_its_presets_recipe_options(train, expected):
+    from gradshield.evaluation.execute import _recipe, _train_config
+
+    recipe = _recipe(train, "model 'm'")
+    assert {key: getattr(recipe, key) for key in expected} == expected
+    assert _train_config(train, seed=0).lookahead == (train.get("preset") == "speedrun")

@@ -133,11 +133,31 @@ PRESETS: dict[str, dict] = {
     # For the `speedrun` model: airbench's optimiser (Jordan 2024, arXiv:2404.00498) rescaled to
     # the mean loss at batch 512, 2-pixel crops and alternating flips; 16 epochs fit 10 minutes
     # on a 2-core CPU. experiments/training-cifar10.toml says where it departs from airbench.
-    # Label smoothing 0.2 is the standard recipe's option (--defense-option label_smoothing=0.2).
+    # Label smoothing 0.2 (airbench's) is a recipe option: PRESET_OPTIONS below.
     "speedrun": {"epochs": 16, "batch_size": 512, "lr": 0.75, "momentum": 0.85,
                  "weight_decay": 1.3e-3, "warmup_epochs": 3.0, "bias_lr_scale": 64.0,
                  "lookahead": True, "crop_padding": 2, "flip": "alternating"},
 }
+
+#: Defense-recipe options a preset sets, per recipe (``{preset: {defense: {option: value}}}``);
+#: options the user gives win. A recipe not named here gets none of them.
+PRESET_OPTIONS: dict[str, dict[str, dict]] = {
+    "speedrun": {"standard": {"label_smoothing": 0.2}},
+}
+
+
+def preset_options(preset: str | None, defense: str) -> dict:
+    """The recipe options ``preset`` sets for the defense recipe ``defense`` (may be empty)."""
+    return dict(PRESET_OPTIONS.get(preset or "", {}).get(defense, {}))
+
+
+def describe_preset(name: str) -> str:
+    """A preset's settings as ``key=value`` text, recipe options included."""
+    parts = [f"{key}={value}" for key, value in PRESETS[name].items()]
+    parts += [f"{key}={value} for the {defense} recipe"
+              for defense, options in PRESET_OPTIONS.get(name, {}).items()
+              for key, value in options.items()]
+    return ", ".join(parts)
 
 
 def preset_config(name: str, **overrides) -> TrainConfig:

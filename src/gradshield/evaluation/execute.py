@@ -181,12 +181,14 @@ def _train_config(spec: dict, seed: int):
 
 def _recipe(spec: dict, where: str):
     from gradshield.defenses.recipes import make_recipe
+    from gradshield.training import preset_options
 
-    options = {}
+    defense = spec.get("defense", "standard")
+    options = preset_options(spec.get("preset"), defense)  # the spec's options win
     for key, value in spec.get("options", {}).items():  # "3/255" budgets as in suites
         options[key] = budget(value, f"{where} option {key}") if isinstance(value, str) \
             and "/" in value else value
-    return make_recipe(spec.get("defense", "standard"), **options)
+    return make_recipe(defense, **options)
 
 
 def train_model(spec: ModelSpec, experiment: Experiment, workspace: Workspace, data: ExperimentData,

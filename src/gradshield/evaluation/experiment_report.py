@@ -43,6 +43,7 @@ from gradshield.evaluation.plots import figure_png, new_figure
 from gradshield.evaluation.report import Figure, Section, pct, rate_cell, to_html, to_markdown
 from gradshield.evaluation.resultset import ResultSet
 from gradshield.evaluation.stats import wilson
+from gradshield.training import PRESETS, describe_preset
 
 BLOCK_TYPES = ("text", "settings", "table", "figure", "claims", "diagnostics", "training")
 FIGURE_KINDS = ("curve", "gradient_sign", "fgsm_examples", "loss_surface", "training_curve")
@@ -426,6 +427,9 @@ def settings_section(entry, experiment, workspace, command: str) -> Section:
         elif spec.train:
             how = "trained by the experiment: " + ", ".join(
                 f"{k}={json.dumps(v)}" for k, v in sorted(spec.train.items()))
+            if spec.train.get("preset") in PRESETS:  # what the preset stands for
+                how += f" (preset {spec.train['preset']} = {describe_preset(spec.train['preset'])};" \
+                       " a setting written beside it wins)"
         else:
             how = f"`{spec.base}` with GCM " + ", ".join(
                 f"{k}={_short(v) if k in ('w', 'eps') else json.dumps(v)}"
@@ -460,9 +464,10 @@ def compute_text(experiment, workspace) -> str:
             where.update(dict.fromkeys(machines or ["machine not recorded"]))
     if not files and not train_s:
         return "nothing run yet."
-    return (f"training {train_s / 60:.1f} min, attacks {attack_s / 60:.1f} min in {files} of "
-            f"{len(experiment.runs)} results files (stored batch times; clean evaluations and "
-            f"analyses not counted), on: {'; '.join(where)}.")
+    attacks = (f", attacks {attack_s / 60:.1f} min in {files} of {len(experiment.runs)} results "
+               "files (stored batch times; clean evaluations and analyses not counted)"
+               if experiment.runs else " (an experiment without attacks)")
+    return f"training {train_s / 60:.1f} min{attacks}, on: {'; '.join(where)}."
 
 
 def _short(value) -> str:
