@@ -87,11 +87,14 @@ def test_a_preset_sets_its_recipe_options_and_the_users_win(argv, defense, optio
     assert asdict(recipe) == asdict(make_recipe(defense, **options))
 
 
-def test_every_preset_option_is_an_option_of_its_recipe():
+def test_every_preset_option_is_an_option_of_its_recipe_and_is_described():
     from gradshield.defenses.recipes import make_recipe
-    from gradshield.training import PRESET_OPTIONS, PRESETS
+    from gradshield.training import PRESET_OPTIONS, PRESETS, describe_preset
 
     assert set(PRESET_OPTIONS) <= set(PRESETS)
+    text = describe_preset("speedrun")  # what a report prints for preset = "speedrun"
+    assert "label_smoothing=0.2 for the standard recipe" in text and 'flip="alternating"' in text
+    assert all(f"{key}=" in text for key in PRESETS["speedrun"])
     for per_defense in PRESET_OPTIONS.values():
         for defense, options in per_defense.items():
             make_recipe(defense, **options)  # raises on an option the recipe lacks

@@ -152,9 +152,9 @@ def preset_options(preset: str | None, defense: str) -> dict:
 
 
 def describe_preset(name: str) -> str:
-    """A preset's settings as ``key=value`` text, recipe options included."""
-    parts = [f"{key}={value}" for key, value in PRESETS[name].items()]
-    parts += [f"{key}={value} for the {defense} recipe"
+    """A preset's settings as ``key=value`` text (JSON values), recipe options included."""
+    parts = [f"{key}={json.dumps(value)}" for key, value in PRESETS[name].items()]
+    parts += [f"{key}={json.dumps(value)} for the {defense} recipe"
               for defense, options in PRESET_OPTIONS.get(name, {}).items()
               for key, value in options.items()]
     return ", ".join(parts)
